@@ -1,0 +1,129 @@
+"""App: `create_app(settings)` wires the stages into one aiohttp application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import aiohttp_cors
+from aiohttp import web
+
+from . import ingest
+from .config import Settings
+from .keys import QUEUE, RELAY, SCRIPT, SETTINGS, VALIDATOR
+from .outbound import DryRunOutbound, HttpOutbound, Outbound
+from .queue import SQLiteQueue
+from .relay import Relay
+from .schema import EventValidator, load_event_schemas
+from .script import Script
+
+log = logging.getLogger("collector.app")
+
+QUEUE_FILE = "queue.sqlite3"
+
+
+async def queue_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    queue = SQLiteQueue(settings.data_dir / QUEUE_FILE, synchronous=settings.durability)
+    await queue.open()
+    app[QUEUE] = queue
+    yield
+    await queue.close()
+
+
+async def relay_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    outbound: Outbound
+    session: aiohttp.ClientSession | None = None
+    key = settings.outbound_api_key
+    if key is None:
+        log.warning("OUTBOUND_API_KEY is not set: dry run, calls are logged instead of sent")
+        outbound = DryRunOutbound()
+    else:
+        connector = aiohttp.TCPConnector(limit=settings.relay_concurrency * 2)
+        session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
+        outbound = HttpOutbound(session, settings.outbound_url, key, settings.relay_timeout)
+    relay = Relay(app[QUEUE], outbound, settings)
+    app[RELAY] = relay
+    relay.start()
+    yield
+    await relay.close()
+    if session is not None:
+        await session.close()
+    stats = await app[QUEUE].stats()
+    log.info("stopped with %d events queued, %d dead letters", stats.depth, stats.dead_letters)
+
+
+async def get_script(request: web.Request) -> web.Response:
+    return request.app[SCRIPT].response(request)
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    return ingest.json_response({"status": "alive"})
+
+
+async def get_readyz(request: web.Request) -> web.Response:
+    """Ready when the queue commits and the relay is not paused."""
+    queue, relay = request.app[QUEUE], request.app[RELAY]
+    problems = []
+    try:
+        stats = await queue.stats()
+    except Exception as error:
+        problems.append(f"queue: {error}")
+        stats = None
+    if not queue.healthy:
+        problems.append("queue: the last commit failed")
+    if relay.paused_reason is not None:
+        problems.append(f"relay paused: {relay.paused_reason}")
+    elif not relay.healthy:
+        problems.append("relay: not running")
+    body = {
+        "status": "not ready" if problems else "ready",
+        "problems": problems,
+        "queue": None
+        if stats is None
+        else {
+            "depth": stats.depth,
+            "oldest_received_at": stats.oldest_received_at,
+            "dead_letters": stats.dead_letters,
+        },
+        "dry_run": request.app[SETTINGS].dry_run,
+    }
+    return ingest.json_response(body, 503 if problems else 200)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The whole collector for these settings; resources open and close with the app."""
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[VALIDATOR] = EventValidator(
+        load_event_schemas(settings.schemas_dir), settings.max_property_depth
+    )
+    app[SCRIPT] = Script.packaged()
+    app.cleanup_ctx.append(queue_context)
+    app.cleanup_ctx.append(relay_context)
+
+    app.router.add_get(settings.script_path, get_script)
+    app.router.add_get("/healthz", get_healthz)
+    app.router.add_get("/readyz", get_readyz)
+    event_routes = [
+        app.router.add_post(settings.event_path, ingest.post_event),
+        app.router.add_post("/v2/track", ingest.post_outbound_track),
+        app.router.add_post("/v2/identify", ingest.post_outbound_identify),
+    ]
+    options = aiohttp_cors.ResourceOptions(
+        allow_credentials=False,
+        allow_headers=("Content-Type",),
+        allow_methods=("POST",),
+        max_age=settings.cors_max_age,
+    )
+    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(settings.allowed_origins, options))
+    for route in event_routes:
+        cors.add(route)
+    app.on_response_prepare.append(_common_headers)
+    return app
+
+
+async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")

@@ -1,0 +1,141 @@
+"""CLI: `outbound-collector serve` and friends; wrong settings exit 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from . import __version__
+from .app import create_app
+from .config import Settings, SettingsError, env_name, load_settings, settings_fields
+from .schema import SchemaDirError
+
+PROG = "outbound-collector"
+log = logging.getLogger("collector")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, help="TOML file of settings (keys as below, in snake_case)"
+    )
+    for item in settings_fields():
+        if not item.metadata["flag"]:
+            continue
+        default = item.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(
+            f"--{item.name.replace('_', '-')}",
+            dest=item.name,
+            metavar=item.name.upper(),
+            help=f"{item.metadata['help']} [env {env_name(item)}; default: {shown!s}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="A self-hosted, first-party event collector for Outbound."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the collector",
+        description="Run the collector. Secrets (OUTBOUND_API_KEY, COLLECTOR_IDENTITY_SECRET) "
+        "come from the environment or the TOML file only, never from flags.",
+    )
+    _add_setting_flags(serve)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    flags = {item.name: getattr(args, item.name, None) for item in settings_fields()}
+    return load_settings(flags=flags, config_file=args.config)
+
+
+def _check_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SettingsError("data_dir", f"cannot create {str(path)!r}: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SettingsError("data_dir", f"{str(path)!r} is not writable")
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_from(args)
+        _check_data_dir(settings.data_dir)
+        app = create_app(settings)
+    except SettingsError as error:
+        return _fail(str(error))
+    except SchemaDirError as error:
+        return _fail(f"schemas_dir: {error}")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(_serve(app, settings))
+    except OSError as error:
+        return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror}")
+    return 0
+
+
+async def _serve(app: web.Application, settings: Settings) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        _print_banner(settings, runner.addresses)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping: no new requests; finishing what is in flight")
+    finally:
+        await runner.cleanup()
+
+
+def _print_banner(settings: Settings, addresses: Sequence[object]) -> None:
+    host, port = settings.host, settings.port
+    for address in addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            port = int(address[1])
+            break
+    shown = f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{port}"
+    relay = (
+        "DRY RUN: OUTBOUND_API_KEY is not set; calls are logged, not sent"
+        if settings.dry_run
+        else f"relaying to {settings.outbound_url}"
+    )
+    print(
+        f"{PROG} {__version__} listening on {base}\n"
+        f"  script: {base}{settings.script_path}\n"
+        f"  events: {base}{settings.event_path}  (and {base}/v2/track, {base}/v2/identify)\n"
+        f"  queue:  {settings.data_dir / 'queue.sqlite3'}\n"
+        f"  relay:  {relay}",
+        flush=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return _fail(f"unknown command {args.command!r}")  # argparse already refuses these

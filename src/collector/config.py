@@ -1,0 +1,364 @@
+"""Settings: read once from flags, environment variables and an optional TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or a settings printout."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class SettingsError(Exception):
+    """A setting that cannot be used; the message names the setting and the problem."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+Parser = Callable[[object], Any]
+
+
+def _text(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"must be a string, got {raw!r}")
+    return raw.strip()
+
+
+def _nonempty(raw: object) -> str:
+    value = _text(raw)
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _integer(low: int, high: int | None = None) -> Parser:
+    def parse(raw: object) -> int:
+        if isinstance(raw, bool):
+            raise ValueError(f"must be a whole number, got {raw!r}")
+        try:
+            value = int(raw) if isinstance(raw, int) else int(_text(raw))
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {raw!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(raw: object) -> float:
+    try:
+        value = float(raw) if isinstance(raw, int | float) else float(_text(raw))
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _boolean(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = _text(raw).lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(raw: object) -> str:
+        value = _text(raw).lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {raw!r}")
+        return value
+
+    return parse
+
+
+def _items(raw: object) -> list[str]:
+    if isinstance(raw, list):
+        return [_text(item) for item in raw if _text(item)]
+    return [item.strip() for item in _text(raw).split(",") if item.strip()]
+
+
+def _url_path(raw: object) -> str:
+    value = _nonempty(raw)
+    if not value.startswith("/") or any(c in value for c in "?#* "):
+        raise ValueError(f"must be a URL path starting with '/', got {raw!r}")
+    return value
+
+
+def _http_url(raw: object) -> str:
+    value = _nonempty(raw).rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {raw!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not have a query or fragment, got {raw!r}")
+    return value
+
+
+def parse_origin(raw: str) -> str:
+    """One browser origin as a browser sends it: scheme://host[:port], nothing more."""
+    if raw == "*":
+        return raw
+    parts = urlsplit(raw)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{raw!r} has an invalid port") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"{raw!r} is not an origin like https://www.example.com")
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{raw!r} must be scheme://host[:port] only, without a path or slash")
+    if raw != raw.lower():
+        raise ValueError(f"{raw!r} must be lower case, as browsers send origins")
+    default_port = {"http": 80, "https": 443}[parts.scheme]
+    if port == default_port:
+        raise ValueError(f"{raw!r} names the default port, which browsers leave out")
+    return raw
+
+
+def _origins(raw: object) -> tuple[str, ...]:
+    origins = tuple(parse_origin(item) for item in _items(raw))
+    if "*" in origins and len(origins) > 1:
+        raise ValueError("'*' allows every origin and cannot be combined with others")
+    return origins
+
+
+def _networks(raw: object) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in _items(raw):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
+
+
+def _secret(raw: object) -> Secret | None:
+    value = _text(raw)
+    return Secret(value) if value else None
+
+
+def _directory(raw: object) -> Path:
+    return Path(_nonempty(raw)).expanduser()
+
+
+def _readable_directory(raw: object) -> Path | None:
+    if not _text(raw):
+        return None
+    path = _directory(raw)
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ValueError(f"{str(path)!r} is not readable")
+    return path
+
+
+def _context_property(raw: object) -> str:
+    return _text(raw)
+
+
+def setting(default: Any, parse: Parser, help: str, *, env: str = "", flag: bool = True) -> Any:
+    """A settings field with how to parse it, what it means, and where it may come from."""
+    metadata = {"parse": parse, "help": help, "env": env, "flag": flag}
+    if isinstance(default, list | dict):
+        raise TypeError("mutable defaults are not allowed in frozen settings")
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the collector, validated; built by `load_settings`."""
+
+    host: str = setting("127.0.0.1", _nonempty, "Address to listen on.")
+    port: int = setting(8080, _integer(0, 65535), "Port to listen on (0: any free port).")
+    data_dir: Path = setting(
+        Path("collector-data"), _directory, "Directory of the queue database (created if missing)."
+    )
+    outbound_api_key: Secret | None = setting(
+        None,
+        _secret,
+        "Outbound's private API key. Unset: dry run, calls are logged instead of sent.",
+        env="OUTBOUND_API_KEY",
+        flag=False,
+    )
+    outbound_url: str = setting(
+        "https://api.outbound.io", _http_url, "Base URL of Outbound's API (without /v2)."
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        (),
+        _origins,
+        "Comma-separated browser origins allowed by CORS, like https://www.example.com; "
+        "'*' allows any.",
+    )
+    identity_secret: Secret | None = setting(
+        None,
+        _secret,
+        "HMAC key for verifying the user_hash of logged-in users.",
+        flag=False,
+    )
+    schemas_dir: Path | None = setting(
+        None,
+        _readable_directory,
+        "Directory of per-event JSON Schemas for properties (one *.json file per event).",
+    )
+    script_path: str = setting("/s.js", _url_path, "URL path of the browser script.")
+    event_path: str = setting("/e", _url_path, "URL path that takes events from browsers.")
+    max_body_bytes: int = setting(
+        512 * 1024, _integer(1024), "Largest request body, after decompression (413 above)."
+    )
+    max_event_bytes: int = setting(
+        32 * 1024, _integer(256), "Largest single event as JSON (rejected above)."
+    )
+    max_batch_events: int = setting(100, _integer(1), "Most events in one batch (413 above).")
+    max_property_depth: int = setting(
+        10, _integer(1, 64), "Deepest nesting of objects and arrays inside properties and traits."
+    )
+    trusted_proxies: tuple[IPNetwork, ...] = setting(
+        (),
+        _networks,
+        "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+        "is believed.",
+    )
+    clock_skew_tolerance: float = setting(
+        60.0, _seconds, "Seconds an event time may lie in the future before it is clamped."
+    )
+    page_event_name: str = setting(
+        "pageView", _nonempty, "Outbound event name that page views are tracked under."
+    )
+    context_property: str = setting(
+        "collector",
+        _context_property,
+        "Property key under which server context (page, locale, user agent) is forwarded "
+        "to Outbound; empty turns forwarding off.",
+    )
+    durability: str = setting(
+        "normal",
+        _choice("normal", "full"),
+        "SQLite synchronous mode: normal survives a process crash, full also a power loss.",
+    )
+    relay_concurrency: int = setting(16, _integer(1, 1024), "Outbound calls in flight at once.")
+    relay_timeout: float = setting(10.0, _seconds, "Seconds before an Outbound call is abandoned.")
+    retry_base: float = setting(1.0, _seconds, "First retry delay in seconds, doubled each time.")
+    retry_cap: float = setting(300.0, _seconds, "Longest retry delay in seconds.")
+    retry_window: float = setting(
+        72 * 3600.0, _seconds, "Seconds an event keeps being retried before it is dead-lettered."
+    )
+    lease_seconds: float = setting(
+        60.0, _seconds, "Seconds a claimed event stays reserved before another attempt may take it."
+    )
+    probe_interval: float = setting(
+        30.0, _seconds, "Seconds between probes while Outbound rejects the API key."
+    )
+    cors_max_age: int = setting(86400, _integer(0), "Seconds browsers may cache a preflight.")
+    log_level: str = setting("info", _choice("debug", "info", "warning", "error"), "Log level.")
+
+    @property
+    def dry_run(self) -> bool:
+        return self.outbound_api_key is None
+
+    def redacted(self) -> dict[str, str]:
+        """Every setting as text, with secrets replaced, for printing."""
+        shown: dict[str, str] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, Secret):
+                shown[item.name] = "******** (set)"
+            elif value is None:
+                shown[item.name] = "(unset)"
+            elif isinstance(value, tuple):
+                shown[item.name] = ",".join(str(v) for v in value)
+            else:
+                shown[item.name] = str(value)
+        return shown
+
+
+def env_name(item: dataclasses.Field[Any]) -> str:
+    return str(item.metadata["env"] or f"COLLECTOR_{item.name.upper()}")
+
+
+def settings_fields() -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(Settings)
+
+
+def load_settings(
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Flags win over environment variables, which win over the TOML file, then defaults."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    from_file = _read_toml(config_file) if config_file else {}
+    known = {item.name for item in settings_fields()}
+    for key in from_file:
+        if key not in known:
+            raise SettingsError(f"{config_file}", f"unknown setting {key!r}")
+    values: dict[str, Any] = {}
+    for item in settings_fields():
+        if item.name in flags:
+            source, raw = f"--{item.name.replace('_', '-')}", flags[item.name]
+        elif env_name(item) in environ:
+            source, raw = env_name(item), environ[env_name(item)]
+        elif item.name in from_file:
+            source, raw = f"{item.name} in {config_file}", from_file[item.name]
+        else:
+            continue
+        try:
+            values[item.name] = item.metadata["parse"](raw)
+        except ValueError as error:
+            raise SettingsError(source, str(error)) from None
+    settings = Settings(**values)
+    if settings.retry_base > settings.retry_cap:
+        raise SettingsError("retry_base", "must not be larger than retry_cap")
+    if settings.lease_seconds <= 2 * settings.relay_timeout:
+        # An event may take an identify and a track call; its lease must outlast both.
+        raise SettingsError("lease_seconds", "must be more than twice relay_timeout")
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as error:
+        raise SettingsError("--config", f"cannot read {str(path)!r}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError("--config", f"{str(path)!r} is not valid TOML: {error}") from None

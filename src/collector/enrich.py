@@ -1,0 +1,135 @@
+"""Enrich: server time, skew-corrected event time, client IP, user agent, origin, message id."""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import IPNetwork
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """What the server itself knows about who sent a request."""
+
+    ip: str | None
+    user_agent: str | None
+    origin: str | None
+
+
+def event_time(
+    timestamp: float | None, sent_at: float | None, *, received_at: float, tolerance: float
+) -> tuple[float, bool]:
+    """When the event happened on the server's clock, and whether it had to be clamped.
+
+    With both client times, the client's clock error cancels out: the event happened
+    (sent_at - timestamp) before the server received it. A time in the future beyond
+    `tolerance` is clamped to `received_at`; past times are kept, since back-fills are
+    legitimate.
+    """
+    if timestamp is None:
+        return received_at, False
+    when = received_at - (sent_at - timestamp) if sent_at is not None else timestamp
+    if when > received_at + tolerance:
+        return received_at, True
+    return when, False
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # "203.0.113.9:443"
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_ip(
+    peer: str | None, forwarded_for: Sequence[str], trusted: Iterable[IPNetwork]
+) -> str | None:
+    """The client's address: the socket peer, or the right-most X-Forwarded-For hop not trusted.
+
+    X-Forwarded-For is believed only as far as it was written by trusted proxies; the
+    left-most entries are whatever the client chose to send. An unparseable hop stops the
+    walk at the last trusted proxy.
+    """
+    trusted = tuple(trusted)
+    current = _address(peer) if peer else None
+
+    def is_trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(address.version == net.version and address in net for net in trusted)
+
+    if current is None:
+        return None
+    hops = [hop for header in forwarded_for for hop in header.split(",") if hop.strip()]
+    while is_trusted(current) and hops:
+        nearer = _address(hops.pop())
+        if nearer is None:
+            break
+        current = nearer
+    return str(current)
+
+
+def enrich(
+    event: dict[str, Any],
+    sender: Sender,
+    *,
+    received_at: float,
+    batch_sent_at: float | None = None,
+    tolerance: float,
+    new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+) -> Record:
+    """A valid `/e` event as the record the queue keeps and the relay sends."""
+    sent_at = event.get("sent_at", batch_sent_at)
+    when, clamped = event_time(
+        event.get("timestamp"), sent_at, received_at=received_at, tolerance=tolerance
+    )
+    user_id = event.get("user_id")
+    record: Record = {
+        "type": event.get("type", "track"),
+        "message_id": event.get("message_id") or new_id(),
+        "user_id": None if user_id is None else str(user_id),
+        "anonymous_id": event.get("anonymous_id"),
+        "event": event.get("event"),
+        "properties": event.get("properties", {}),
+        "traits": event.get("traits", {}),
+        "timestamp": when,
+        "received_at": received_at,
+        "context": event.get("context", {}),
+        "ip": sender.ip,
+        "user_agent": sender.user_agent,
+        "origin": sender.origin,
+    }
+    if clamped:
+        record["clamped_from"] = event.get("timestamp")
+    if "user_hash" in event:
+        record["user_hash"] = event["user_hash"]
+    return record
+
+
+_IDENTIFY_ENVELOPE_FIELDS = {"user_id", "previous_id"}
+
+
+def from_outbound_track(body: dict[str, Any]) -> dict[str, Any]:
+    """Outbound's /v2/track body as a collector event (the shapes already agree)."""
+    return {"type": "track", **body}
+
+
+def from_outbound_identify(body: dict[str, Any]) -> dict[str, Any]:
+    """Outbound's /v2/identify body as a collector event: the profile fields become traits."""
+    event: dict[str, Any] = {"type": "identify", "user_id": body["user_id"]}
+    if body.get("previous_id") is not None:
+        event["anonymous_id"] = str(body["previous_id"])
+    event["traits"] = {k: v for k, v in body.items() if k not in _IDENTIFY_ENVELOPE_FIELDS}
+    return event

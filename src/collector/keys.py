@@ -1,0 +1,17 @@
+"""Typed keys of what the application holds, shared by the app factory and the handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .config import Settings
+from .queue import Queue
+from .relay import Relay
+from .schema import EventValidator
+from .script import Script
+
+SETTINGS = web.AppKey("settings", Settings)
+VALIDATOR = web.AppKey("validator", EventValidator)
+SCRIPT = web.AppKey("script", Script)
+QUEUE = web.AppKey("queue", Queue)
+RELAY = web.AppKey("relay", Relay)

@@ -1,0 +1,294 @@
+"""Queue: durable storage of accepted events until Outbound has them (SQLite, group commit)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import orjson
+
+from .enrich import Record
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """An event reserved for one delivery attempt."""
+
+    id: int
+    record: Record
+    attempts: int
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    depth: int
+    oldest_received_at: float | None
+    dead_letters: int
+
+
+class QueueUnavailable(Exception):
+    """The queue could not commit; nothing of the failed operation was stored."""
+
+
+class Queue(Protocol):
+    """What the app and the relay need from a queue; SQLite is the embedded implementation.
+
+    `put` returns only after the records are durable. `claim` hands out, for each user,
+    only the oldest waiting event, so events of one user are delivered in order.
+    """
+
+    async def put(self, records: Sequence[Record]) -> None: ...
+
+    async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]: ...
+
+    async def ack(self, event_id: int) -> None: ...
+
+    async def retry(self, event_id: int, *, available_at: float, error: str) -> None: ...
+
+    async def release(self, event_id: int) -> None: ...
+
+    async def dead_letter(
+        self, event_id: int, *, reason: str, status: int | None, response: str, now: float
+    ) -> None: ...
+
+    async def stats(self) -> QueueStats: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    user_key TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    available_at REAL NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_user ON events (user_key, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    user_key TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    failed_at REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    status INTEGER,
+    response TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+"""
+
+# Only the head of each user's line may be claimed, and only when it is due and not leased.
+_CLAIM = """
+SELECT id, body, attempts, received_at FROM events
+WHERE id IN (SELECT MIN(id) FROM events GROUP BY user_key)
+  AND available_at <= :now AND lease_until <= :now
+ORDER BY id LIMIT :limit
+"""
+
+
+def user_key(record: Record) -> str:
+    return str(record.get("user_id") or record.get("anonymous_id") or "")
+
+
+Operation = Callable[[sqlite3.Connection], Any]
+
+
+class SQLiteQueue:
+    """The queue in one SQLite file (WAL); every operation runs on one thread, in group commits.
+
+    Operations that arrive while a commit is running wait and share the next one, so
+    many concurrent requests cost one fsync rather than one each.
+    """
+
+    def __init__(self, path: Path, *, synchronous: str = "normal") -> None:
+        self.path = path
+        self._synchronous = synchronous.upper()
+        self._pending: list[tuple[Operation, asyncio.Future[Any]]] = []
+        self._work = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._connection: sqlite3.Connection | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._healthy = True
+        self.commits = 0
+        self.last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue")
+        loop = asyncio.get_running_loop()
+        self._connection = await loop.run_in_executor(self._executor, self._connect)
+        self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(f"PRAGMA synchronous={self._synchronous}")
+        connection.execute("PRAGMA busy_timeout=5000")
+        connection.executescript(_SCHEMA)
+        # This process owns the file: leases held by a process that died are void.
+        connection.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0")
+        return connection
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            # Operations commit in order: once this one is done, all earlier ones are.
+            await self._submit(lambda connection: None)
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        if self._executor is not None:
+            connection = self._connection
+            if connection is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor, connection.close)
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def _submit(self, operation: Operation) -> Any:
+        if self._writer is None:
+            raise QueueUnavailable("the queue is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((operation, future))
+        self._work.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            operations = [operation for operation, _ in batch]
+            try:
+                results = await loop.run_in_executor(self._executor, self._transaction, operations)
+            except Exception as error:
+                self._healthy, self.last_error = False, f"{type(error).__name__}: {error}"
+                failure = QueueUnavailable(self.last_error)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(failure)
+                continue
+            self._healthy, self.last_error = True, None
+            self.commits += 1
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+    def _transaction(self, operations: list[Operation]) -> list[Any]:
+        connection = self._connection
+        assert connection is not None
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            results = [operation(connection) for operation in operations]
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        return results
+
+    async def put(self, records: Sequence[Record]) -> None:
+        rows = [
+            (user_key(r), r["message_id"], r["received_at"], r["received_at"], orjson.dumps(r))
+            for r in records
+        ]
+
+        def insert(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
+                " VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+
+        await self._submit(insert)
+
+    async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]:
+        def select_and_lease(connection: sqlite3.Connection) -> list[Claimed]:
+            rows = connection.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
+            connection.executemany(
+                "UPDATE events SET lease_until = ? WHERE id = ?",
+                [(now + lease, r[0]) for r in rows],
+            )
+            return [Claimed(r[0], orjson.loads(r[1]), r[2], r[3]) for r in rows]
+
+        claimed: list[Claimed] = await self._submit(select_and_lease)
+        return claimed
+
+    async def ack(self, event_id: int) -> None:
+        await self._submit(lambda c: c.execute("DELETE FROM events WHERE id = ?", (event_id,)))
+
+    async def retry(self, event_id: int, *, available_at: float, error: str) -> None:
+        await self._submit(
+            lambda c: c.execute(
+                "UPDATE events SET attempts = attempts + 1, available_at = ?, lease_until = 0,"
+                " last_error = ? WHERE id = ?",
+                (available_at, error, event_id),
+            )
+        )
+
+    async def release(self, event_id: int) -> None:
+        await self._submit(
+            lambda c: c.execute("UPDATE events SET lease_until = 0 WHERE id = ?", (event_id,))
+        )
+
+    async def dead_letter(
+        self, event_id: int, *, reason: str, status: int | None, response: str, now: float
+    ) -> None:
+        def move(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT INTO dead_letters (message_id, user_key, received_at, failed_at,"
+                " attempts, reason, status, response, body)"
+                " SELECT message_id, user_key, received_at, ?, attempts + 1, ?, ?, ?, body"
+                " FROM events WHERE id = ?",
+                (now, reason, status, response, event_id),
+            )
+            connection.execute("DELETE FROM events WHERE id = ?", (event_id,))
+
+        await self._submit(move)
+
+    async def stats(self) -> QueueStats:
+        def read(connection: sqlite3.Connection) -> QueueStats:
+            depth, oldest = connection.execute(
+                "SELECT COUNT(*), MIN(received_at) FROM events"
+            ).fetchone()
+            (dead,) = connection.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+            return QueueStats(depth, oldest, dead)
+
+        stats: QueueStats = await self._submit(read)
+        return stats
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter with its reason and Outbound's answer (for people and tests)."""
+
+        def read(connection: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = connection.execute(
+                "SELECT id, message_id, reason, status, response, attempts, body"
+                " FROM dead_letters ORDER BY id"
+            ).fetchall()
+            keys = ("id", "message_id", "reason", "status", "response", "attempts")
+            return [
+                {**dict(zip(keys, r[:6], strict=True)), "record": orjson.loads(r[6])} for r in rows
+            ]
+
+        letters: list[dict[str, Any]] = await self._submit(read)
+        return letters

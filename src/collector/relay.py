@@ -1,0 +1,219 @@
+"""Relay: claims queued events, sends them to Outbound in order per user, retries, dead-letters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from .config import Settings
+from .outbound import Answer, Outbound, calls_for, subject
+from .queue import Claimed, Queue
+
+log = logging.getLogger("collector.relay")
+
+RETRYABLE_STATUSES = frozenset({408, 429})
+AUTH_STATUSES = frozenset({401, 403})
+# A Retry-After longer than this is treated as this: a bad header must not park events for days.
+MAX_RETRY_AFTER = 3600.0
+IDLE_POLL = 1.0
+IDENTIFIED_MEMORY = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with an event after an attempt."""
+
+    action: Literal["ack", "retry", "dead", "pause"]
+    delay: float = 0.0
+    reason: str = ""
+
+
+def decide(
+    answer: Answer,
+    *,
+    attempts: int,
+    age: float,
+    base: float,
+    cap: float,
+    window: float,
+    jitter: float,
+) -> Decision:
+    """The retry policy. `attempts` counts earlier failures; `jitter` is uniform in [0, 1).
+
+    Network errors, timeouts, 408, 429 and 5xx are retried with capped exponential
+    backoff and full jitter, Retry-After as a floor; other answers are permanent. A bad
+    key (401/403) pauses the relay instead of failing every event.
+    """
+    status = answer.status
+    if answer.ok:
+        return Decision("ack")
+    if status in AUTH_STATUSES:
+        return Decision("pause", reason=f"Outbound rejected the API key ({status})")
+    described = f"Outbound answered {status}" if status is not None else answer.detail
+    if status is not None and status not in RETRYABLE_STATUSES and status < 500:
+        return Decision("dead", reason=described)
+    if age >= window:
+        return Decision("dead", reason=f"still failing after {age:.0f} s: {described}")
+    backoff = jitter * min(cap, base * 2.0**attempts)
+    floor = min(answer.retry_after or 0.0, MAX_RETRY_AFTER)
+    return Decision("retry", delay=max(backoff, floor), reason=described)
+
+
+class Relay:
+    """The background worker between the queue and Outbound (start, wake, close, healthy)."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        outbound: Outbound,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._queue = queue
+        self._outbound = outbound
+        self._settings = settings
+        self._clock = clock
+        self._jitter = jitter
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._identified: OrderedDict[str, None] = OrderedDict()
+        self._closing = False
+        self._runner: asyncio.Task[None] | None = None
+        self.paused_reason: str | None = None
+        self._probe_at = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.paused_reason is None and self._runner is not None and not self._runner.done()
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="relay")
+
+    def wake(self) -> None:
+        """New events are queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Stop claiming; give calls in flight up to the relay timeout, then leave them queued."""
+        self._closing = True
+        self._wake.set()
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+        if self._inflight:
+            _, pending = await asyncio.wait(self._inflight, timeout=self._settings.relay_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _run(self) -> None:
+        settings = self._settings
+        while not self._closing:
+            self._wake.clear()
+            now = self._clock()
+            free = settings.relay_concurrency - len(self._inflight)
+            if self.paused_reason is not None:
+                # Paused: one probe event per interval, and only when nothing is in flight.
+                free = 1 if now >= self._probe_at and not self._inflight else 0
+            claimed: list[Claimed] = []
+            if free > 0:
+                try:
+                    claimed = await self._queue.claim(free, now=now, lease=settings.lease_seconds)
+                except Exception:
+                    log.exception("relay could not claim events; trying again shortly")
+            if self.paused_reason is not None and claimed:
+                self._probe_at = now + settings.probe_interval
+            for item in claimed:
+                task = asyncio.create_task(self._deliver(item))
+                self._inflight.add(task)
+                task.add_done_callback(self._finished)
+            if not claimed:
+                timeout = IDLE_POLL
+                if self.paused_reason is not None:
+                    timeout = max(0.0, min(IDLE_POLL, self._probe_at - now))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("relay delivery failed unexpectedly", exc_info=task.exception())
+
+    async def _deliver(self, item: Claimed) -> None:
+        settings, record = self._settings, item.record
+        who = subject(record)
+        calls = calls_for(
+            record,
+            identified=who in self._identified,
+            page_event_name=settings.page_event_name,
+            context_property=settings.context_property,
+        )
+        answer = Answer(None, "no call made")
+        for call in calls:
+            answer = await self._outbound.send(call)
+            if not answer.ok:
+                break
+            if call.endpoint == "/v2/identify":
+                self._remember(who)
+        now = self._clock()
+        decision = decide(
+            answer,
+            attempts=item.attempts,
+            age=now - item.received_at,
+            base=settings.retry_base,
+            cap=settings.retry_cap,
+            window=settings.retry_window,
+            jitter=self._jitter(),
+        )
+        if decision.action == "ack":
+            await self._queue.ack(item.id)
+            if self.paused_reason is not None:
+                log.warning("Outbound accepted the key again: relay resumed")
+                self.paused_reason = None
+                self._wake.set()
+        elif decision.action == "retry":
+            await self._queue.retry(
+                item.id, available_at=now + decision.delay, error=decision.reason
+            )
+            log.info(
+                "event %s to retry in %.1f s (attempt %d): %s",
+                record["message_id"],
+                decision.delay,
+                item.attempts + 1,
+                decision.reason,
+            )
+        elif decision.action == "dead":
+            await self._queue.dead_letter(
+                item.id,
+                reason=decision.reason,
+                status=answer.status,
+                response=answer.detail,
+                now=now,
+            )
+            log.warning("event %s dead-lettered: %s", record["message_id"], decision.reason)
+        else:
+            await self._queue.release(item.id)
+            if self.paused_reason is None:
+                log.error(
+                    "%s: relay PAUSED, every event stays queued; set a valid OUTBOUND_API_KEY. "
+                    "Probing every %g s.",
+                    decision.reason,
+                    settings.probe_interval,
+                )
+            self.paused_reason = decision.reason
+            self._probe_at = now + settings.probe_interval
+
+    def _remember(self, who: str) -> None:
+        self._identified[who] = None
+        self._identified.move_to_end(who)
+        while len(self._identified) > IDENTIFIED_MEMORY:
+            self._identified.popitem(last=False)

@@ -1,0 +1,211 @@
+"""Validate: the envelope schema, then the event's own properties schema, as located problems."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonschema import Draft202012Validator, SchemaError, ValidationError
+from referencing import Registry, Resource
+
+Kind = Literal["event", "outbound_track", "outbound_identify"]
+_PACKAGED = ("envelope", "outbound_track", "outbound_identify")
+_JSON_TYPES = {
+    "object": "an object",
+    "array": "an array",
+    "string": "a string",
+    "integer": "a whole number",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with an event: where (a JSON Pointer) and what, in a sentence."""
+
+    path: str
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message}
+
+
+class SchemaDirError(Exception):
+    """A file in the schemas directory that cannot be used."""
+
+
+def pointer(parts: Iterator[str | int] | tuple[str | int, ...] | list[str | int]) -> str:
+    """RFC 6901 JSON Pointer for a path inside a document."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _type_of(value: object) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return "a whole number"
+    for python_type, name in (
+        (float, "a number"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "an object"),
+    ):
+        if isinstance(value, python_type):
+            return name
+    return type(value).__name__
+
+
+def _quote(name: object) -> str:
+    return f"`{name}`"
+
+
+def describe(error: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[Problem]:
+    """jsonschema's error as problems a person understands, each at the path it concerns."""
+    where = (*prefix, *error.absolute_path)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    instance, expected = error.instance, error.validator_value
+    custom = schema.get("x-message")
+    if error.validator == "required" and isinstance(instance, dict):
+        return [
+            Problem(pointer((*where, name)), f"{_quote(name)} is required")
+            for name in expected
+            if name not in instance
+        ]
+    if error.validator == "additionalProperties" and isinstance(instance, dict):
+        known = set(schema.get("properties", {}))
+        return [
+            Problem(pointer((*where, name)), f"{_quote(name)} is not a known field")
+            for name in instance
+            if name not in known
+        ]
+    if error.validator == "anyOf" and all(
+        isinstance(option, dict) and set(option) == {"required"} for option in expected
+    ):
+        names = " or ".join(_quote(name) for option in expected for name in option["required"])
+        return [Problem(pointer(where), f"needs {names}")]
+    if isinstance(custom, str):
+        return [Problem(pointer(where), custom)]
+    message = error.message
+    if error.validator == "type":
+        types = [expected] if isinstance(expected, str) else list(expected)
+        wanted = " or ".join(_JSON_TYPES.get(t, t) for t in types)
+        message = f"must be {wanted}, not {_type_of(instance)}"
+    elif error.validator == "minLength":
+        message = (
+            "must not be empty" if expected == 1 else f"must be at least {expected} characters"
+        )
+    elif error.validator == "maxLength":
+        message = f"must be at most {expected} characters long"
+    elif error.validator in {"enum", "const"}:
+        options = expected if error.validator == "enum" else [expected]
+        message = "must be one of " + ", ".join(json.dumps(option) for option in options)
+    elif error.validator in {"minimum", "maximum"}:
+        word = "least" if error.validator == "minimum" else "most"
+        message = f"must be at {word} {expected}"
+    return [Problem(pointer(where), message)]
+
+
+def _deduplicated(problems: list[Problem]) -> list[Problem]:
+    return list(dict.fromkeys(problems))
+
+
+def too_deep(value: object, limit: int, path: tuple[str | int, ...]) -> Problem | None:
+    """The first place where objects and arrays nest deeper than `limit` levels below `path`."""
+    stack: list[tuple[object, tuple[str | int, ...], int]] = [(value, path, 0)]
+    while stack:
+        current, where, depth = stack.pop()
+        children: list[tuple[str | int, object]]
+        if isinstance(current, dict):
+            children = list(current.items())
+        elif isinstance(current, list):
+            children = list(enumerate(current))
+        else:
+            continue
+        if depth >= limit:
+            return Problem(pointer(where), f"is nested deeper than {limit} levels")
+        stack.extend((child, (*where, key), depth + 1) for key, child in children)
+    return None
+
+
+def _packaged_schema(name: str) -> dict[str, Any]:
+    text = resources.files("collector").joinpath("schemas", f"{name}.json").read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def load_event_schemas(directory: Path | None) -> dict[str, Draft202012Validator]:
+    """Per-event property validators: one *.json file per event, named by `x-event` or its stem."""
+    validators: dict[str, Draft202012Validator] = {}
+    if directory is None:
+        return validators
+    for path in sorted(directory.glob("*.json")):
+        try:
+            schema = json.loads(path.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise SchemaDirError(f"{path.name}: cannot be read as JSON ({error})") from None
+        if not isinstance(schema, dict):
+            raise SchemaDirError(f"{path.name}: a schema must be a JSON object")
+        name = schema.get("x-event", path.stem)
+        if not isinstance(name, str) or not name:
+            raise SchemaDirError(f"{path.name}: x-event must be a non-empty string")
+        if name in validators:
+            raise SchemaDirError(f"{path.name}: a second schema for the event {name!r}")
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as error:
+            where = pointer(tuple(error.absolute_path)) or "the top level"
+            problem = f"{path.name}: not a valid schema at {where}: {error.message}"
+            raise SchemaDirError(problem) from None
+        validators[name] = Draft202012Validator(schema)
+    return validators
+
+
+class EventValidator:
+    """Checks events against the packaged envelope and the configured per-event schemas."""
+
+    def __init__(self, event_schemas: Mapping[str, Draft202012Validator], max_depth: int) -> None:
+        packaged = {name: _packaged_schema(name) for name in _PACKAGED}
+        registry: Registry[Any] = Registry().with_resources(
+            (schema["$id"], Resource.from_contents(schema)) for schema in packaged.values()
+        )
+        self._envelopes: dict[Kind, Draft202012Validator] = {
+            "event": Draft202012Validator(packaged["envelope"], registry=registry),
+            "outbound_track": Draft202012Validator(packaged["outbound_track"], registry=registry),
+            "outbound_identify": Draft202012Validator(
+                packaged["outbound_identify"], registry=registry
+            ),
+        }
+        self._event_schemas = dict(event_schemas)
+        self._max_depth = max_depth
+
+    @property
+    def event_names(self) -> frozenset[str]:
+        return frozenset(self._event_schemas)
+
+    def problems(self, event: object, kind: Kind = "event") -> list[Problem]:
+        """Every problem with one event; an empty list means it is valid."""
+        if not isinstance(event, dict):
+            return [Problem("", f"an event must be a JSON object, not {_type_of(event)}")]
+        found: list[Problem] = []
+        for error in self._envelopes[kind].iter_errors(event):
+            found.extend(describe(error))
+        for key in ("properties", "traits", "attributes", "group_attributes"):
+            deep = too_deep(event.get(key), self._max_depth, (key,))
+            if deep is not None:
+                found.append(deep)
+        if not found:
+            name = event.get("event")
+            properties = event.get("properties", {})
+            validator = self._event_schemas.get(name) if isinstance(name, str) else None
+            if validator is not None:
+                for error in validator.iter_errors(properties):
+                    found.extend(describe(error, ("properties",)))
+        return _deduplicated(found)

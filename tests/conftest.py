@@ -1,0 +1,141 @@
+"""Fixtures: a fake Outbound and real collectors on loopback, each with its own data directory."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from collector.app import create_app
+from collector.config import Secret, Settings
+from collector.keys import QUEUE, RELAY
+from collector.queue import SQLiteQueue
+from collector.relay import Relay
+from fake_outbound import KEY, FakeOutbound
+
+SEED_EVENT = {
+    "event": "renewMembership",
+    "user_id": "u123",
+    "properties": {"membership_valid": True, "membership_renewalDate": "2018-06-12"},
+    "timestamp": 1529366403,
+}
+
+
+class Collector:
+    """One running collector: a real server on 127.0.0.1 and an HTTP client to it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app: web.Application | None = None
+        self._server: TestServer | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> Collector:
+        self.app = create_app(self.settings)
+        self._server = TestServer(self.app, host="127.0.0.1")
+        await self._server.start_server()
+        self.session = aiohttp.ClientSession()
+        return self
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self._server is not None:
+            await self._server.close()
+        self._server = self.session = None
+
+    def url(self, path: str) -> str:
+        assert self._server is not None
+        return str(self._server.make_url(path))
+
+    @property
+    def queue(self) -> SQLiteQueue:
+        assert self.app is not None
+        queue = self.app[QUEUE]
+        assert isinstance(queue, SQLiteQueue)
+        return queue
+
+    @property
+    def relay(self) -> Relay:
+        assert self.app is not None
+        return self.app[RELAY]
+
+    async def get(
+        self, path: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        assert self.session is not None
+        async with self.session.get(self.url(path), headers=headers) as response:
+            raw = await response.read()
+            parsed = orjson.loads(raw) if raw and response.content_type.endswith("json") else raw
+            return response.status, parsed, response
+
+    async def post(
+        self,
+        path: str,
+        body: object = None,
+        *,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        """POST JSON (as text/plain, like the browser script) or raw bytes; status and JSON."""
+        assert self.session is not None
+        if data is None:
+            data = orjson.dumps(body)
+            headers = {"Content-Type": "text/plain;charset=UTF-8", **(headers or {})}
+        async with self.session.post(self.url(path), data=data, headers=headers) as response:
+            raw = await response.read()
+            parsed = orjson.loads(raw) if raw and response.content_type.endswith("json") else raw
+            return response.status, parsed, response
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOutbound]:
+    outbound = FakeOutbound()
+    await outbound.start()
+    yield outbound
+    await outbound.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake: FakeOutbound) -> Settings:
+    """Settings for a collector relaying to the fake, with retries fast enough for tests."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        outbound_url=fake.url,
+        outbound_api_key=Secret(KEY),
+        retry_base=0.05,
+        retry_cap=0.5,
+        relay_timeout=2.0,
+        lease_seconds=10.0,
+        probe_interval=0.3,
+    )
+
+
+StartCollector = Callable[..., Awaitable[Collector]]
+
+
+@pytest.fixture
+async def start_collector(settings: Settings) -> AsyncIterator[StartCollector]:
+    """Start collectors (with setting overrides); every one still running is stopped after."""
+    running: list[Collector] = []
+
+    async def start(**overrides: Any) -> Collector:
+        collector = await Collector(dataclasses.replace(settings, **overrides)).start()
+        running.append(collector)
+        return collector
+
+    yield start
+    for collector in running:
+        await collector.stop()
+
+
+@pytest.fixture
+async def collector(start_collector: StartCollector) -> Collector:
+    return await start_collector()

@@ -1,0 +1,114 @@
+"""A stand-in for Outbound's API: a real HTTP server on loopback with injectable faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+KEY = "test-outbound-key-5f2d"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """How to answer one request instead of accepting it."""
+
+    status: int = 503
+    retry_after: str | None = None
+    delay: float = 0.0
+    drop: bool = False
+    body: str = ""
+
+
+@dataclass(frozen=True)
+class Received:
+    endpoint: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    at: float
+
+
+@dataclass
+class FakeOutbound:
+    """Checks the key, answers as Outbound does, records what it accepted and every attempt."""
+
+    key: str = KEY
+    received: list[Received] = field(default_factory=list)
+    attempts: list[tuple[str, float, int]] = field(default_factory=list)
+    faults: deque[Fault] = field(default_factory=deque)
+    always: Fault | None = None
+    _server: TestServer | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def fail_next(self, *faults: Fault) -> None:
+        self.faults.extend(faults)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return str(self._server.make_url("")).rstrip("/")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v2/{endpoint:track|identify}", self._handle)
+        self._server = TestServer(app, host="127.0.0.1")
+        await self._server.start_server()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self._server.close()
+
+    def tracks(self) -> list[Received]:
+        return [r for r in self.received if r.endpoint == "track"]
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """Wait until at least `count` calls were accepted; fail loudly if they never come."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"expected {count} calls at the fake Outbound, got {len(self.received)}: "
+                    f"{[(r.endpoint, r.body) for r in self.received]}"
+                )
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                continue
+        return list(self.received)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        endpoint = request.match_info["endpoint"]
+        fault = self.faults.popleft() if self.faults else self.always
+        status = fault.status if fault else 200
+        self.attempts.append((endpoint, time.time(), status))
+        self._changed.set()
+        if request.headers.get("X-Outbound-Key") != self.key:
+            return web.Response(status=401, text="invalid api key")
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.drop:
+                assert request.transport is not None
+                request.transport.abort()
+                return web.Response(status=500)
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+            return web.Response(status=fault.status, text=fault.body, headers=headers)
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return web.Response(status=500)  # what Outbound answers to malformed JSON
+        if not isinstance(body, dict) or not body.get("user_id"):
+            return web.Response(status=400, text="user_id is required")
+        if endpoint == "track" and not body.get("event"):
+            return web.Response(status=400, text="event is required")
+        self.received.append(Received(endpoint, body, dict(request.headers), time.time()))
+        self._changed.set()
+        return web.Response(status=200)
