@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,13 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from fake_outbound import KEY, FakeOutbound
 
 from collector.app import create_app
 from collector.config import Secret, Settings
 from collector.keys import QUEUE, RELAY
 from collector.queue import SQLiteQueue
 from collector.relay import Relay
-from fake_outbound import KEY, FakeOutbound
 
 SEED_EVENT = {
     "event": "renewMembership",
@@ -26,6 +28,20 @@ SEED_EVENT = {
     "properties": {"membership_valid": True, "membership_renewalDate": "2018-06-12"},
     "timestamp": 1529366403,
 }
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 10.0) -> None:
+    """Wait until `check()` holds, polling; fail when it has not within `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {within} s: {check}")
+        await asyncio.sleep(0.02)
 
 
 class Collector:
@@ -89,7 +105,12 @@ class Collector:
         if data is None:
             data = orjson.dumps(body)
             headers = {"Content-Type": "text/plain;charset=UTF-8", **(headers or {})}
-        async with self.session.post(self.url(path), data=data, headers=headers) as response:
+        headers = headers or {}
+        # Send no Content-Type at all when the test names none, as bare server clients do.
+        skip = () if "Content-Type" in headers else ("Content-Type",)
+        async with self.session.post(
+            self.url(path), data=data, headers=headers, skip_auto_headers=skip
+        ) as response:
             raw = await response.read()
             parsed = orjson.loads(raw) if raw and response.content_type.endswith("json") else raw
             return response.status, parsed, response

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 import pytest
-
-from conftest import SEED_EVENT, Collector, StartCollector
-from fake_outbound import KEY, Fault, FakeOutbound
-
-
-async def wait_until(condition: object, timeout: float = 10.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+from conftest import SEED_EVENT, Collector, StartCollector, eventually
+from fake_outbound import KEY, FakeOutbound, Fault
 
 
 async def test_seed_example_reaches_outbound_with_key_and_body(
@@ -86,7 +75,12 @@ async def test_identify_with_anonymous_id_becomes_alias_then_track(
     collector: Collector, fake: FakeOutbound
 ) -> None:
     events = [
-        {"type": "identify", "user_id": "u9", "anonymous_id": "anon-1", "traits": {"email": "a@b.c"}},
+        {
+            "type": "identify",
+            "user_id": "u9",
+            "anonymous_id": "anon-1",
+            "traits": {"email": "a@b.c"},
+        },
         {"type": "track", "event": "purchase", "user_id": "u9", "anonymous_id": "anon-1"},
     ]
     status, _, _ = await collector.post("/e", {"batch": events})
@@ -94,7 +88,11 @@ async def test_identify_with_anonymous_id_becomes_alias_then_track(
     identify, track = await fake.wait_for(2)
     assert identify.endpoint == "identify"
     assert identify.body == {"user_id": "u9", "previous_id": "anon-1", "email": "a@b.c"}
-    assert (track.endpoint, track.body["user_id"], track.body["event"]) == ("track", "u9", "purchase")
+    assert (track.endpoint, track.body["user_id"], track.body["event"]) == (
+        "track",
+        "u9",
+        "purchase",
+    )
 
 
 async def test_page_view_becomes_track_of_page_event_name(
@@ -104,7 +102,12 @@ async def test_page_view_becomes_track_of_page_event_name(
     page = {
         "type": "page",
         "anonymous_id": "anon-7",
-        "context": {"url": "https://shop.example/a?b=1", "path": "/a", "title": "A", "referrer": ""},
+        "context": {
+            "url": "https://shop.example/a?b=1",
+            "path": "/a",
+            "title": "A",
+            "referrer": "",
+        },
     }
     status, _, _ = await collector.post("/e", page, headers={"User-Agent": "TestAgent/1"})
     assert status == 202
@@ -158,16 +161,13 @@ async def test_400_goes_to_dead_letters_with_the_response(
 ) -> None:
     fake.fail_next(Fault(400, body="event name not allowed"))
     await collector.post("/e", SEED_EVENT)
-    await wait_until(lambda: len(fake.attempts) >= 1)
+    await eventually(lambda: len(fake.attempts) >= 1)
 
-    async def dead() -> list[dict[str, object]]:
-        return await collector.queue.dead_letters()
+    async def dead_lettered() -> bool:
+        return (await collector.queue.stats()).dead_letters == 1
 
-    deadline = time.monotonic() + 5
-    letters = await dead()
-    while not letters and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        letters = await dead()
+    await eventually(dead_lettered)
+    letters = await collector.queue.dead_letters()
     assert len(letters) == 1
     assert letters[0]["status"] == 400
     assert letters[0]["response"] == "event name not allowed"
@@ -185,7 +185,7 @@ async def test_401_pauses_relay_keeps_events_and_resumes(
     fake.key = "rotated-key"
     for i in range(3):
         await collector.post("/e", {**SEED_EVENT, "event": f"e{i}", "user_id": f"u{i}"})
-    await wait_until(lambda: collector.relay.paused_reason is not None)
+    await eventually(lambda: collector.relay.paused_reason is not None)
     assert "PAUSED" in caplog.text
     assert KEY not in caplog.text
     status, ready, _ = await collector.get("/readyz")
@@ -224,19 +224,16 @@ async def test_dry_run_logs_calls_without_payload_values(
     collector = await start_collector(outbound_api_key=None)
     status, _, _ = await collector.post("/e", SEED_EVENT)
     assert status == 202
-    await wait_until(lambda: "dry run: would POST /v2/track 'renewMembership'" in caplog.text)
-    assert await _drained(collector)
+    await eventually(lambda: "dry run: would POST /v2/track 'renewMembership'" in caplog.text)
+
+    async def drained() -> bool:
+        return (await collector.queue.stats()).depth == 0
+
+    await eventually(drained)
     assert "dry run: would POST /v2/identify 'identify'" in caplog.text
     assert "u123" not in caplog.text
     assert "2018-06-12" not in caplog.text
     assert not fake.attempts
-
-
-async def _drained(collector: Collector) -> bool:
-    deadline = time.monotonic() + 5
-    while (await collector.queue.stats()).depth and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return (await collector.queue.stats()).depth == 0
 
 
 async def test_events_of_one_user_stay_in_order_while_others_flow(

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the collector",
-        description="Run the collector. Secrets (OUTBOUND_API_KEY, COLLECTOR_IDENTITY_SECRET) "
-        "come from the environment or the TOML file only, never from flags.",
+        description="Run the collector. The Outbound key (OUTBOUND_API_KEY) comes from the "
+        "environment or the TOML file only, never from a flag.",
     )
     _add_setting_flags(serve)
     return parser

@@ -228,12 +228,6 @@ class Settings:
         "Comma-separated browser origins allowed by CORS, like https://www.example.com; "
         "'*' allows any.",
     )
-    identity_secret: Secret | None = setting(
-        None,
-        _secret,
-        "HMAC key for verifying the user_hash of logged-in users.",
-        flag=False,
-    )
     schemas_dir: Path | None = setting(
         None,
         _readable_directory,

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .config import Settings
 from .enrich import Record, Sender, client_ip, enrich, from_outbound_identify, from_outbound_track
@@ -28,10 +29,11 @@ _BUSY_RETRY_AFTER = "5"
 class RequestError(Exception):
     """The request as a whole cannot be used; `status` and a sentence for the client."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 def json_response(body: object, status: int = 200, **headers: str) -> web.Response:
@@ -57,6 +59,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         )
     if request.content_length is not None and request.content_length > limit:
         raise RequestError(413, f"the body is over the limit of {limit} bytes")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
     chunks: list[bytes] = []
     size = 0
     try:
@@ -65,9 +68,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             if size > limit:
                 raise RequestError(413, f"the body is over the limit of {limit} bytes")
             chunks.append(chunk)
-    except (ContentEncodingError, zlib.error) as error:
-        encoding = request.headers.get("Content-Encoding", "the declared encoding")
-        raise RequestError(400, f"the body could not be decoded as {encoding}: {error}") from None
+    except (RequestPayloadError, ContentEncodingError, zlib.error):
+        # The stream is broken past repair: end it here so that aiohttp does not try to
+        # drain it after the answer, and close the connection rather than reuse it.
+        request.content.feed_eof()
+        raise RequestError(400, f"the body is not valid {encoding or 'data'}", close=True) from None
+    if not size and encoding:
+        raise RequestError(400, f"the body decoded to nothing: truncated or not {encoding}")
     if not size:
         raise RequestError(400, "the body is empty; send one event or a batch as JSON")
     return b"".join(chunks)
@@ -95,7 +102,7 @@ def split_batch(document: object, max_events: int) -> tuple[list[object], float 
     if len(events) > max_events:
         raise RequestError(413, f"the batch has {len(events)} events; the limit is {max_events}")
     if sent_at is not None and (
-        isinstance(sent_at, bool) or not isinstance(sent_at, int | float) or sent_at < 0
+        isinstance(sent_at, bool) or not isinstance(sent_at, int | float) or not 0 <= sent_at < 1e11
     ):
         raise RequestError(400, "`sent_at` must be Unix time in seconds")
     return events, sent_at
@@ -198,7 +205,10 @@ async def _handle(
         else:
             events, sent_at = [document], None
     except RequestError as error:
-        return error_response(error.status, error.message)
+        response = error_response(error.status, error.message)
+        if error.close:
+            response.force_close()
+        return response
     return await store(request, judge(request, events, kind, convert, sent_at))
 
 

@@ -125,6 +125,7 @@ class SQLiteQueue:
         self._writer: asyncio.Task[None] | None = None
         self._healthy = True
         self.commits = 0
+        self.stored = 0
         self.last_error: str | None = None
 
     @property
@@ -221,6 +222,7 @@ class SQLiteQueue:
             )
 
         await self._submit(insert)
+        self.stored += len(rows)
 
     async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]:
         def select_and_lease(connection: sqlite3.Connection) -> list[Claimed]:

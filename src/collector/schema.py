@@ -71,7 +71,8 @@ def describe(error: ValidationError, prefix: tuple[str | int, ...] = ()) -> list
     """jsonschema's error as problems a person understands, each at the path it concerns."""
     where = (*prefix, *error.absolute_path)
     schema = error.schema if isinstance(error.schema, dict) else {}
-    instance, expected = error.instance, error.validator_value
+    instance: Any = error.instance
+    expected: Any = error.validator_value
     custom = schema.get("x-message")
     if error.validator == "required" and isinstance(instance, dict):
         return [

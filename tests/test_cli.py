@@ -1,0 +1,135 @@
+"""The command line as people run it: real processes, real ports on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import SEED_EVENT
+from fake_outbound import KEY, FakeOutbound
+from serve_process import ServeProcess
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "collector", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--port", "http"], {}, "--port: must be a whole number, got 'http'"),
+        (["--port", "65536"], {}, "--port: must be from 0 to 65535, got 65536"),
+        ([], {"COLLECTOR_ALLOWED_ORIGINS": "shop.example"}, "COLLECTOR_ALLOWED_ORIGINS: "),
+        ([], {"COLLECTOR_SCHEMAS_DIR": "/no/such"}, "COLLECTOR_SCHEMAS_DIR: '/no/such' is not a"),
+        (["--outbound-url", "api.outbound.io"], {}, "--outbound-url: must be an http"),
+    ],
+)
+def test_wrong_settings_exit_2_with_one_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    result = run_cli("serve", "--data-dir", str(tmp_path), *args, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("outbound-collector: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_key_in_config_file_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "collector.toml"
+    config.write_text('prot = 8080\noutbound_api_key = "k-secret-in-file"\n')
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"outbound-collector: error: {config}: unknown setting 'prot'"
+    assert "k-secret-in-file" not in result.stderr
+
+
+def test_invalid_schema_file_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "signup.json").write_text('{"type": 12}')
+    result = run_cli("serve", "--data-dir", str(tmp_path / "d"), "--schemas-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("outbound-collector: error: schemas_dir: signup.json: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_data_dir_that_is_a_file_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = run_cli("serve", "--data-dir", str(tmp_path / "file" / "sub"))
+    assert result.returncode == 2
+    assert "data_dir: cannot create" in result.stderr
+
+
+def test_help_lists_settings_with_their_environment_names() -> None:
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0
+    for text in ("--port", "COLLECTOR_PORT", "--allowed-origins", "--schemas-dir", "--config"):
+        assert text in result.stdout
+    assert "--outbound-api-key" not in result.stdout  # secrets never go on a command line
+
+
+async def test_serve_relays_the_seed_example_and_stops_cleanly(
+    tmp_path: Path, fake: FakeOutbound
+) -> None:
+    env = {"OUTBOUND_API_KEY": KEY, "COLLECTOR_OUTBOUND_URL": fake.url}
+    server = await asyncio.to_thread(
+        ServeProcess, ["--data-dir", str(tmp_path / "data")], env=env, log=tmp_path / "log"
+    )
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.base_url + "/e",
+                data=json.dumps(SEED_EVENT),
+                headers={"Content-Type": "application/json"},
+            ) as response,
+        ):
+            assert response.status == 202
+            assert await response.json() == {"accepted": 1, "rejected": []}
+        _, track = await fake.wait_for(2)
+        assert track.headers["X-Outbound-Key"] == KEY
+        assert track.body["event"] == "renewMembership"
+        assert track.body["user_id"] == "u123"
+    finally:
+        code = await asyncio.to_thread(server.stop, signal.SIGTERM)
+    assert code == 0
+    output = server.output()
+    assert "relaying to http://127.0.0.1" in output
+    assert "stopped with 0 events queued" in output
+    assert KEY not in output
+
+
+async def test_serve_without_key_runs_dry(tmp_path: Path) -> None:
+    server = await asyncio.to_thread(
+        ServeProcess, ["--data-dir", str(tmp_path / "data")], env={}, log=tmp_path / "log"
+    )
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(server.base_url + "/e", json=SEED_EVENT) as response,
+        ):
+            assert response.status == 202
+        for _ in range(100):
+            if "would POST /v2/track 'renewMembership'" in server.output():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        code = await asyncio.to_thread(server.stop, signal.SIGINT)
+    assert code == 0
+    output = server.output()
+    assert "DRY RUN: OUTBOUND_API_KEY is not set" in output
+    assert "dry run: would POST /v2/track 'renewMembership'" in output
+    assert "u123" not in output

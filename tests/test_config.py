@@ -1,0 +1,163 @@
+"""Settings: sources and precedence, one clear error per wrong setting, secrets redacted."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from collector.config import Secret, Settings, SettingsError, load_settings
+
+
+def test_defaults() -> None:
+    settings = load_settings(environ={})
+    assert settings == Settings()
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+    assert settings.outbound_url == "https://api.outbound.io"
+    assert settings.dry_run
+    assert (settings.max_body_bytes, settings.max_event_bytes, settings.max_batch_events) == (
+        512 * 1024,
+        32 * 1024,
+        100,
+    )
+
+
+def test_flags_win_over_environment_which_wins_over_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "collector.toml"
+    config.write_text(
+        'port = 7000\nhost = "0.0.0.0"\npage_event_name = "Page"\n'
+        'allowed_origins = ["https://a.example", "https://b.example:8443"]\n'
+    )
+    settings = load_settings(
+        flags={"port": "9000", "host": None},
+        environ={"COLLECTOR_PORT": "8000", "COLLECTOR_HOST": "::1"},
+        config_file=config,
+    )
+    assert settings.port == 9000
+    assert settings.host == "::1"
+    assert settings.page_event_name == "Page"
+    assert settings.allowed_origins == ("https://a.example", "https://b.example:8443")
+
+
+def test_environment_names_from_the_design() -> None:
+    settings = load_settings(
+        environ={
+            "OUTBOUND_API_KEY": "k-123",
+            "COLLECTOR_OUTBOUND_URL": "http://127.0.0.1:9/",
+            "COLLECTOR_ALLOWED_ORIGINS": "https://a.example, http://localhost:3000",
+            "COLLECTOR_DATA_DIR": "/srv/collector",
+            "COLLECTOR_TRUSTED_PROXIES": "10.0.0.0/8,::1",
+        }
+    )
+    assert settings.outbound_api_key == Secret("k-123")
+    assert settings.outbound_url == "http://127.0.0.1:9"
+    assert settings.allowed_origins == ("https://a.example", "http://localhost:3000")
+    assert settings.data_dir == Path("/srv/collector")
+    assert settings.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert not settings.dry_run
+
+
+def test_secrets_never_print() -> None:
+    settings = load_settings(environ={"OUTBOUND_API_KEY": "k-very-secret"})
+    for text in (repr(settings), str(settings), str(settings.redacted())):
+        assert "k-very-secret" not in text
+    assert settings.redacted()["outbound_api_key"] == "******** (set)"
+    assert settings.outbound_api_key is not None
+    assert settings.outbound_api_key.reveal() == "k-very-secret"
+
+
+@pytest.mark.parametrize(
+    ("environ", "setting", "problem"),
+    [
+        ({"COLLECTOR_PORT": "eighty"}, "COLLECTOR_PORT", "must be a whole number"),
+        ({"COLLECTOR_PORT": "70000"}, "COLLECTOR_PORT", "must be from 0 to 65535"),
+        ({"COLLECTOR_PORT": "-1"}, "COLLECTOR_PORT", "must be from 0 to 65535"),
+        (
+            {"COLLECTOR_ALLOWED_ORIGINS": "example.com"},
+            "COLLECTOR_ALLOWED_ORIGINS",
+            "not an origin",
+        ),
+        (
+            {"COLLECTOR_ALLOWED_ORIGINS": "https://example.com/"},
+            "COLLECTOR_ALLOWED_ORIGINS",
+            "without a path",
+        ),
+        (
+            {"COLLECTOR_ALLOWED_ORIGINS": "https://Example.com"},
+            "COLLECTOR_ALLOWED_ORIGINS",
+            "lower case",
+        ),
+        (
+            {"COLLECTOR_ALLOWED_ORIGINS": "https://example.com:443"},
+            "COLLECTOR_ALLOWED_ORIGINS",
+            "default port",
+        ),
+        (
+            {"COLLECTOR_ALLOWED_ORIGINS": "https://example.com:99999"},
+            "COLLECTOR_ALLOWED_ORIGINS",
+            "invalid port",
+        ),
+        (
+            {"COLLECTOR_ALLOWED_ORIGINS": "*,https://a.example"},
+            "COLLECTOR_ALLOWED_ORIGINS",
+            "cannot be combined",
+        ),
+        ({"COLLECTOR_OUTBOUND_URL": "ftp://x"}, "COLLECTOR_OUTBOUND_URL", "http:// or https://"),
+        ({"COLLECTOR_SCHEMAS_DIR": "/no/such/dir"}, "COLLECTOR_SCHEMAS_DIR", "not a directory"),
+        ({"COLLECTOR_TRUSTED_PROXIES": "10.0.0.0/33"}, "COLLECTOR_TRUSTED_PROXIES", "not an IP"),
+        (
+            {"COLLECTOR_DURABILITY": "sometimes"},
+            "COLLECTOR_DURABILITY",
+            "must be one of normal, full",
+        ),
+        ({"COLLECTOR_RELAY_TIMEOUT": "0"}, "COLLECTOR_RELAY_TIMEOUT", "positive number"),
+        ({"COLLECTOR_RELAY_TIMEOUT": "nan"}, "COLLECTOR_RELAY_TIMEOUT", "positive number"),
+        ({"COLLECTOR_SCRIPT_PATH": "s.js"}, "COLLECTOR_SCRIPT_PATH", "starting with '/'"),
+        ({"COLLECTOR_MAX_BATCH_EVENTS": "0"}, "COLLECTOR_MAX_BATCH_EVENTS", "at least 1"),
+        ({"COLLECTOR_RETRY_BASE": "600"}, "retry_base", "must not be larger than retry_cap"),
+        ({"COLLECTOR_LEASE_SECONDS": "15"}, "lease_seconds", "more than twice relay_timeout"),
+    ],
+)
+def test_wrong_setting_names_the_setting_and_the_problem(
+    environ: dict[str, str], setting: str, problem: str
+) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ=environ)
+    assert raised.value.setting == setting
+    assert problem in raised.value.problem
+
+
+def test_unknown_key_in_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("prot = 8080\n")
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ={}, config_file=config)
+    assert raised.value.setting == str(config)
+    assert raised.value.problem == "unknown setting 'prot'"
+
+
+def test_wrong_type_in_the_file_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("port = true\n")
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ={}, config_file=config)
+    assert raised.value.setting == f"port in {config}"
+
+
+def test_broken_and_missing_files(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("port = \n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings(environ={}, config_file=broken)
+    with pytest.raises(SettingsError, match="cannot read"):
+        load_settings(environ={}, config_file=tmp_path / "missing.toml")
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]

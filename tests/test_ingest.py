@@ -1,0 +1,348 @@
+"""Malformed and hostile requests over real HTTP: a clear answer, nothing stored, still up."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+
+import orjson
+import pytest
+from conftest import SEED_EVENT, Collector, StartCollector
+from fake_outbound import FakeOutbound
+
+from collector.ingest import RequestError, split_batch
+
+TEXT = {"Content-Type": "text/plain;charset=UTF-8"}
+JSON = {"Content-Type": "application/json"}
+
+
+def body(value: object) -> bytes:
+    return orjson.dumps(value)
+
+
+def nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@dataclass(frozen=True)
+class Hostile:
+    name: str
+    data: bytes
+    status: int
+    message: str
+    path: str | None = None  # the JSON Pointer of the first problem, for per-event errors
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "text/plain"),)
+    endpoint: str = "/e"
+
+
+def gzip_of(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+GZIP = (("Content-Type", "application/json"), ("Content-Encoding", "gzip"))
+EVENT = {"event": "x", "user_id": "u1"}
+
+HOSTILE = [
+    Hostile("broken JSON", b'{"event": "x", ', 400, "not valid JSON"),
+    Hostile("empty body", b"", 400, "the body is empty"),
+    Hostile("whitespace only", b"   ", 400, "not valid JSON"),
+    Hostile(
+        "form content type",
+        b"event=x",
+        415,
+        "'application/x-www-form-urlencoded' is not accepted",
+        headers=(("Content-Type", "application/x-www-form-urlencoded"),),
+    ),
+    Hostile(
+        "multipart",
+        b"--b\r\n\r\n--b--",
+        415,
+        "'multipart/form-data' is not accepted",
+        headers=(("Content-Type", "multipart/form-data; boundary=b"),),
+    ),
+    Hostile("array at the top", b"[]", 400, "must be a JSON object"),
+    Hostile("string at the top", b'"renewMembership"', 400, "must be a JSON object"),
+    Hostile("null at the top", b"null", 400, "must be a JSON object"),
+    Hostile("missing event name", body({"user_id": "u1"}), 400, "`event` is required", "/event"),
+    Hostile("no user at all", body({"event": "x"}), 400, "needs `user_id` or `anonymous_id`", ""),
+    Hostile("empty user_id", body({"event": "x", "user_id": ""}), 400, "non-empty", "/user_id"),
+    Hostile(
+        "user_id an object",
+        body({"event": "x", "user_id": {"id": 1}}),
+        400,
+        "non-empty string",
+        "/user_id",
+    ),
+    Hostile(
+        "event a number",
+        body({"event": 7, "user_id": "u1"}),
+        400,
+        "must be a string, not a whole number",
+        "/event",
+    ),
+    Hostile(
+        "empty event name", body({"event": "", "user_id": "u1"}), 400, "must not be empty", "/event"
+    ),
+    Hostile(
+        "properties an array",
+        body({**EVENT, "properties": [1, 2]}),
+        400,
+        "must be an object, not an array",
+        "/properties",
+    ),
+    Hostile(
+        "timestamp a string",
+        body({**EVENT, "timestamp": "2018-06-12"}),
+        400,
+        "Unix time in seconds",
+        "/timestamp",
+    ),
+    Hostile(
+        "timestamp in milliseconds",
+        body({**EVENT, "timestamp": 1529366403000}),
+        400,
+        "not milliseconds",
+        "/timestamp",
+    ),
+    Hostile("negative timestamp", body({**EVENT, "timestamp": -5}), 400, "Unix time", "/timestamp"),
+    Hostile(
+        "boolean timestamp", body({**EVENT, "timestamp": True}), 400, "Unix time", "/timestamp"
+    ),
+    Hostile("unknown field", body({**EVENT, "userId": "u1"}), 400, "not a known field", "/userId"),
+    Hostile("unknown type", body({**EVENT, "type": "alias"}), 400, "must be one of", "/type"),
+    Hostile(
+        "context url a number",
+        body({**EVENT, "context": {"url": 5}}),
+        400,
+        "must be a string",
+        "/context/url",
+    ),
+    Hostile(
+        "deeply nested properties",
+        body({**EVENT, "properties": nested(12)}),
+        400,
+        "nested deeper than 10 levels",
+        "/properties" + "/a" * 10,
+    ),
+    Hostile("10,000-deep nesting", b"[" * 10_000 + b"]" * 10_000, 400, "not valid JSON"),
+    Hostile(
+        "oversized body",
+        body({**EVENT, "properties": {"blob": "x" * 600_000}}),
+        413,
+        "over the limit of 524288 bytes",
+    ),
+    Hostile(
+        "oversized event",
+        body({**EVENT, "properties": {"blob": "x" * 40_000}}),
+        400,
+        "the limit is 32768",
+        "",
+    ),
+    Hostile("batch of 101", body({"batch": [EVENT] * 101}), 413, "the limit is 100"),
+    Hostile("batch not an array", body({"batch": EVENT}), 400, "non-empty array"),
+    Hostile("empty batch", body({"batch": []}), 400, "non-empty array"),
+    Hostile("batch with extra key", body({"batch": [EVENT], "user_id": "u"}), 400, "not `user_id`"),
+    Hostile("batch sent_at a string", body({"batch": [EVENT], "sent_at": "now"}), 400, "sent_at"),
+    Hostile(
+        "every event of a batch invalid",
+        body({"batch": [{"event": "x"}, {"user_id": "u"}]}),
+        400,
+        "needs `user_id` or `anonymous_id`",
+        "",
+    ),
+    Hostile("broken gzip", b"not gzip at all", 400, "not valid gzip", headers=GZIP),
+    Hostile(
+        "truncated gzip", b"\x1f\x8b\x08\x00garbage", 400, "truncated or not gzip", headers=GZIP
+    ),
+    Hostile(
+        "gzip bomb",
+        gzip_of(b'{"event": "x", "user_id": "u", "properties": {"p": "' + b"0" * 5_000_000),
+        413,
+        "over the limit",
+        headers=GZIP,
+    ),
+    Hostile("invalid UTF-8", b'{"event": "\xff\xfe", "user_id": "u"}', 400, "not valid JSON"),
+    Hostile("NaN", b'{"event": "x", "user_id": "u", "timestamp": NaN}', 400, "not valid JSON"),
+    Hostile(
+        "reserved context property",
+        body({**EVENT, "properties": {"collector": {"ip": "1.2.3.4"}}}),
+        400,
+        "reserved",
+        "/properties/collector",
+    ),
+    Hostile(
+        "Outbound track without event",
+        body({"user_id": "u1"}),
+        400,
+        "`event` is required",
+        "/event",
+        endpoint="/v2/track",
+    ),
+    Hostile(
+        "Outbound track with a browser field",
+        body({"user_id": "u1", "event": "x", "anonymous_id": "a"}),
+        400,
+        "not a known field",
+        "/anonymous_id",
+        endpoint="/v2/track",
+    ),
+    Hostile(
+        "Outbound identify without user_id",
+        body({"email": "a@b.c"}),
+        400,
+        "`user_id` is required",
+        "/user_id",
+        endpoint="/v2/identify",
+    ),
+    Hostile(
+        "Outbound identify attributes a string",
+        body({"user_id": "u1", "attributes": "gold"}),
+        400,
+        "must be an object",
+        "/attributes",
+        endpoint="/v2/identify",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[case.name for case in HOSTILE])
+async def test_hostile_request_is_refused_and_nothing_stored(
+    collector: Collector, fake: FakeOutbound, case: Hostile, caplog: pytest.LogCaptureFixture
+) -> None:
+    status, answer, response = await collector.post(
+        case.endpoint, data=case.data, headers=dict(case.headers)
+    )
+    assert status == case.status
+    assert response.content_type == "application/json"
+    if case.path is None:
+        assert case.message in answer["error"]
+    else:
+        assert answer["accepted"] == 0
+        errors = [error for rejected in answer["rejected"] for error in rejected["errors"]]
+        assert any(case.message in error["message"] for error in errors), errors
+        assert errors[0]["path"] == case.path
+    stats = await collector.queue.stats()
+    assert stats.depth == 0
+    assert collector.queue.stored == 0
+
+    # The server is still up and takes a good event afterwards, having logged no error.
+    status, answer, _ = await collector.post("/e", SEED_EVENT)
+    assert (status, answer["accepted"]) == (202, 1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_hostile_table_is_large_enough() -> None:
+    assert len(HOSTILE) >= 25
+
+
+async def test_each_problem_is_reported_with_its_path(collector: Collector) -> None:
+    event = {"event": 5, "user_id": "", "properties": [], "timestamp": "x"}
+    status, answer, _ = await collector.post("/e", event)
+    assert status == 400
+    errors = {e["path"]: e["message"] for e in answer["rejected"][0]["errors"]}
+    assert set(errors) == {"/event", "/user_id", "/properties", "/timestamp"}
+
+
+async def test_batch_keeps_valid_events_and_reports_the_rest(
+    collector: Collector, fake: FakeOutbound
+) -> None:
+    batch = [EVENT, {"event": "y"}, {**EVENT, "event": "z", "properties": "no"}]
+    status, answer, _ = await collector.post("/e", {"batch": batch})
+    assert status == 202
+    assert answer["accepted"] == 1
+    assert [r["index"] for r in answer["rejected"]] == [1, 2]
+    assert answer["rejected"][1]["errors"] == [
+        {"path": "/properties", "message": "must be an object, not a string"}
+    ]
+    await fake.wait_for(2)
+    assert [r.body["event"] for r in fake.tracks()] == ["x"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "application/json"},
+        {"Content-Type": "text/plain;charset=UTF-8"},
+        {"Content-Type": "application/vnd.api+json"},
+        {},  # server clients that send no content type
+    ],
+    ids=["json", "text-plain", "plus-json", "none"],
+)
+async def test_accepted_content_types(collector: Collector, headers: dict[str, str]) -> None:
+    status, answer, _ = await collector.post("/e", data=body(SEED_EVENT), headers=headers)
+    assert (status, answer["accepted"]) == (202, 1)
+
+
+async def test_gzip_body_is_accepted(collector: Collector, fake: FakeOutbound) -> None:
+    status, answer, _ = await collector.post(
+        "/e", data=gzip_of(body(SEED_EVENT)), headers=dict(GZIP)
+    )
+    assert (status, answer["accepted"]) == (202, 1)
+    await fake.wait_for(2)
+
+
+async def test_limits_are_configurable(start_collector: StartCollector) -> None:
+    collector = await start_collector(max_batch_events=2, max_body_bytes=2048, max_event_bytes=300)
+    status, answer, _ = await collector.post("/e", {"batch": [EVENT] * 3})
+    assert (status, answer["error"]) == (413, "the batch has 3 events; the limit is 2")
+    status, answer, _ = await collector.post("/e", {**EVENT, "properties": {"p": "x" * 3000}})
+    assert status == 413
+    status, answer, _ = await collector.post("/e", {**EVENT, "properties": {"p": "x" * 400}})
+    assert status == 400
+    assert "the limit is 300" in answer["rejected"][0]["errors"][0]["message"]
+
+
+async def test_cors_headers_on_success_errors_and_preflight(
+    start_collector: StartCollector,
+) -> None:
+    collector = await start_collector(allowed_origins=("https://shop.example",), cors_max_age=600)
+    origin = {"Origin": "https://shop.example"}
+    status, _, response = await collector.post("/e", SEED_EVENT, headers=origin)
+    assert status == 202
+    assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    status, _, response = await collector.post("/e", {"event": 1}, headers=origin)
+    assert status == 400
+    assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    status, _, response = await collector.post("/e", data=b"{", headers={**TEXT, **origin})
+    assert status == 400
+    assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+
+    assert collector.session is not None
+    preflight = {
+        **origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    async with collector.session.options(collector.url("/e"), headers=preflight) as response:
+        assert response.status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+        assert response.headers["Access-Control-Max-Age"] == "600"
+    other = {**preflight, "Origin": "https://evil.example"}
+    async with collector.session.options(collector.url("/e"), headers=other) as response:
+        assert "Access-Control-Allow-Origin" not in response.headers
+    status, _, response = await collector.post(
+        "/e", SEED_EVENT, headers={"Origin": "https://evil.example"}
+    )
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"batch": [1], "sent_at": float("inf")}, "sent_at"),
+        ({"batch": [1], "sent_at": -1}, "sent_at"),
+        ({"batch": [1], "sent_at": False}, "sent_at"),
+    ],
+)
+def test_split_batch_refuses_bad_sent_at(document: dict[str, object], message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        split_batch(document, 100)
+
+
+def test_split_batch_single_and_batch() -> None:
+    assert split_batch(EVENT, 10) == ([EVENT], None)
+    assert split_batch({"batch": [EVENT, EVENT], "sent_at": 5}, 10) == ([EVENT, EVENT], 5)

@@ -1,0 +1,143 @@
+"""The SQLite queue on real files: order per user, leases, retries, dead letters, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.queue import SQLiteQueue
+
+NOW = 1_700_000_000.0
+
+
+def rec(user: str, n: int) -> dict[str, Any]:
+    return {"message_id": f"{user}-{n}", "user_id": user, "received_at": NOW, "event": f"e{n}"}
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[SQLiteQueue]:
+    q = SQLiteQueue(tmp_path / "q.sqlite3")
+    await q.open()
+    yield q
+    await q.close()
+
+
+def ids(claimed: list[Any]) -> list[str]:
+    return [c.record["message_id"] for c in claimed]
+
+
+async def test_claim_hands_out_only_the_head_of_each_user(queue: SQLiteQueue) -> None:
+    await queue.put([rec("a", 1), rec("b", 1), rec("a", 2), rec("c", 1), rec("b", 2)])
+    first = await queue.claim(10, now=NOW, lease=60)
+    assert ids(first) == ["a-1", "b-1", "c-1"]
+    # Leased heads block their users; nothing else is claimable yet.
+    assert await queue.claim(10, now=NOW, lease=60) == []
+    await queue.ack(first[0].id)
+    assert ids(await queue.claim(10, now=NOW, lease=60)) == ["a-2"]
+
+
+async def test_claim_respects_the_limit_in_arrival_order(queue: SQLiteQueue) -> None:
+    await queue.put([rec(f"u{i}", 1) for i in range(5)])
+    assert ids(await queue.claim(2, now=NOW, lease=60)) == ["u0-1", "u1-1"]
+    assert ids(await queue.claim(2, now=NOW, lease=60)) == ["u2-1", "u3-1"]
+
+
+async def test_expired_lease_makes_an_event_claimable_again(queue: SQLiteQueue) -> None:
+    await queue.put([rec("a", 1)])
+    assert len(await queue.claim(1, now=NOW, lease=60)) == 1
+    assert await queue.claim(1, now=NOW + 59, lease=60) == []
+    assert ids(await queue.claim(1, now=NOW + 60, lease=60)) == ["a-1"]
+
+
+async def test_retry_delays_the_event_and_keeps_the_users_order(queue: SQLiteQueue) -> None:
+    await queue.put([rec("a", 1), rec("a", 2)])
+    [head] = await queue.claim(5, now=NOW, lease=60)
+    await queue.retry(head.id, available_at=NOW + 30, error="Outbound answered 503")
+    assert await queue.claim(5, now=NOW + 10, lease=60) == []  # a-2 must wait behind a-1
+    [again] = await queue.claim(5, now=NOW + 30, lease=60)
+    assert (again.record["message_id"], again.attempts) == ("a-1", 1)
+
+
+async def test_release_returns_a_claim_without_counting_an_attempt(queue: SQLiteQueue) -> None:
+    await queue.put([rec("a", 1)])
+    [head] = await queue.claim(1, now=NOW, lease=60)
+    await queue.release(head.id)
+    [again] = await queue.claim(1, now=NOW, lease=60)
+    assert again.attempts == 0
+
+
+async def test_dead_letter_moves_the_event_with_its_reason(queue: SQLiteQueue) -> None:
+    await queue.put([rec("a", 1), rec("a", 2)])
+    [head] = await queue.claim(5, now=NOW, lease=60)
+    await queue.dead_letter(
+        head.id, reason="Outbound answered 400", status=400, response="no", now=NOW
+    )
+    letters = await queue.dead_letters()
+    assert [(d["message_id"], d["status"], d["response"], d["attempts"]) for d in letters] == [
+        ("a-1", 400, "no", 1)
+    ]
+    assert letters[0]["record"] == rec("a", 1)
+    stats = await queue.stats()
+    assert (stats.depth, stats.dead_letters) == (1, 1)
+    assert ids(await queue.claim(5, now=NOW, lease=60)) == ["a-2"]
+
+
+async def test_events_survive_reopening_and_leases_of_the_dead_process_are_void(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.sqlite3"
+    first = SQLiteQueue(path)
+    await first.open()
+    await first.put([rec("a", 1), rec("b", 1)])
+    assert len(await first.claim(5, now=NOW, lease=3600)) == 2
+    await first.close()
+
+    second = SQLiteQueue(path)
+    await second.open()
+    try:
+        assert ids(await second.claim(5, now=NOW, lease=60)) == ["a-1", "b-1"]
+        stats = await second.stats()
+        assert (stats.depth, stats.oldest_received_at) == (2, NOW)
+    finally:
+        await second.close()
+
+
+async def test_put_is_on_disk_when_it_returns(queue: SQLiteQueue) -> None:
+    await queue.put([rec("a", 1)])
+    # Another connection, as another process would, sees the committed row.
+    with sqlite3.connect(queue.path) as other:
+        assert other.execute("SELECT message_id FROM events").fetchall() == [("a-1",)]
+
+
+async def test_concurrent_puts_share_commits(queue: SQLiteQueue) -> None:
+    before = queue.commits
+    await asyncio.gather(*(queue.put([rec(f"u{i}", 1)]) for i in range(200)))
+    assert (await queue.stats()).depth == 200
+    assert queue.stored == 200
+    assert queue.commits - before < 50  # 200 puts, far fewer transactions
+
+
+async def test_full_synchronous_mode_is_applied(tmp_path: Path) -> None:
+    q = SQLiteQueue(tmp_path / "q.sqlite3", synchronous="full")
+    await q.open()
+    try:
+        mode = await q._submit(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        journal = await q._submit(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+        assert (mode, journal) == (2, "wal")
+    finally:
+        await q.close()
+
+
+async def test_closed_queue_refuses_work(tmp_path: Path) -> None:
+    from collector.queue import QueueUnavailable
+
+    q = SQLiteQueue(tmp_path / "q.sqlite3")
+    await q.open()
+    await q.close()
+    with pytest.raises(QueueUnavailable):
+        await q.put([rec("a", 1)])

@@ -1,0 +1,27 @@
+"""README documents every setting, and opens with the two commands that CI and people run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from collector.config import env_name, settings_fields
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_every_setting_is_documented_with_its_environment_variable() -> None:
+    for item in settings_fields():
+        row = f"| `{item.name}` | `{env_name(item)}` |"
+        assert row in README, f"README lacks the row for {item.name}"
+
+
+def test_readme_opens_with_serve_and_test_commands() -> None:
+    commands = re.findall(r"```sh\n(.+?)\n```", README, flags=re.DOTALL)
+    assert commands[0].endswith("outbound-collector serve")
+    assert commands[1] == "scripts/test"
+
+
+def test_ci_runs_the_readmes_test_command() -> None:
+    assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
