@@ -14,6 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Handler
 from fake_outbound import KEY, FakeOutbound
 
 from collector.app import create_app
@@ -47,18 +48,27 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float 
 class Collector:
     """One running collector: a real server on 127.0.0.1 and an HTTP client to it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, port: int | None = None) -> None:
         self.settings = settings
+        self.port = port
         self.app: web.Application | None = None
         self._server: TestServer | None = None
         self.session: aiohttp.ClientSession | None = None
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
 
     async def start(self) -> Collector:
         self.app = create_app(self.settings)
-        self._server = TestServer(self.app, host="127.0.0.1")
+        self.app.middlewares.append(self._record)
+        self._server = TestServer(self.app, host="127.0.0.1", port=self.port)
         await self._server.start_server()
+        self.port = self._server.port
         self.session = aiohttp.ClientSession()
         return self
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.requests.append((request.method, request.path, dict(request.headers)))
+        return await handler(request)
 
     async def stop(self) -> None:
         if self.session is not None:

@@ -30,6 +30,7 @@ def test_wheel_in_a_clean_venv_serves_the_script(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for packaged in (
         "collector/static/s.js",
+        "collector/static/s.min.js",
         "collector/schemas/envelope.json",
         "collector/schemas/outbound_track.json",
         "collector/schemas/outbound_identify.json",
@@ -72,4 +73,5 @@ def test_wheel_in_a_clean_venv_serves_the_script(tmp_path: Path) -> None:
             served = response.read()
     finally:
         assert server.stop() == 0
-    assert served == (ROOT / "src" / "collector" / "static" / "s.js").read_bytes()
+    source = (ROOT / "src" / "collector" / "static" / "s.min.js").read_bytes()
+    assert served == source.replace(b"{{EVENT_PATH}}", b"/e")

@@ -5,8 +5,16 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from conftest import Collector, StartCollector
+
+from collector.script import STUB, Script
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_script_is_served_with_type_and_cache_headers(collector: Collector) -> None:
@@ -17,7 +25,7 @@ async def test_script_is_served_with_type_and_cache_headers(collector: Collector
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
     assert "Content-Encoding" not in response.headers
-    assert body.startswith(b"/* Outbound collector")
+    assert body.startswith(b"!function(")
 
 
 async def test_script_is_gzipped_when_accepted(collector: Collector) -> None:
@@ -62,3 +70,59 @@ async def test_script_path_is_configurable(start_collector: StartCollector) -> N
     assert status == 404
     status, answer, _ = await collector.post("/p", {"event": "x", "anonymous_id": "a"})
     assert (status, answer["accepted"]) == (202, 1)
+
+
+SIZE_BUDGET = 2000  # bytes of the served script, gzipped, with every feature in it
+
+
+def test_gzipped_script_is_within_budget() -> None:
+    script = Script.packaged()
+    print(f"s.min.js: {len(script.source)} bytes, {len(script.gzipped)} gzipped")
+    assert len(script.gzipped) <= SIZE_BUDGET
+
+
+def test_minified_build_is_reproducible(tmp_path: Path) -> None:
+    rebuilt = tmp_path / "s.min.js"
+    subprocess.run([str(ROOT / "scripts" / "build-script"), str(rebuilt)], check=True, timeout=120)
+    committed = ROOT / "src" / "collector" / "static" / "s.min.js"
+    assert rebuilt.read_bytes() == committed.read_bytes(), "run scripts/build-script and commit"
+
+
+@pytest.mark.parametrize("name", ["s.js", "s.min.js"])
+def test_script_is_es5(name: str) -> None:
+    source = ROOT / "src" / "collector" / "static" / name
+    check = (
+        "const acorn = require('acorn');"
+        "acorn.parse(require('fs').readFileSync(process.argv[1], 'utf8'), {ecmaVersion: 5});"
+    )
+    result = subprocess.run(
+        ["node", "-e", check, str(source)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+async def test_script_is_readable_cross_origin_for_integrity_checks(collector: Collector) -> None:
+    _, _, response = await collector.get("/s.js", headers={"Origin": "https://shop.example"})
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_script_tag_command_pins_the_served_bytes() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "collector", "script-tag", "--base-url", "https://c.example/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    stub, tag = result.stdout.strip().splitlines()
+    assert stub == STUB
+    integrity = Script.packaged().integrity
+    assert tag == (
+        f'<script defer src="https://c.example/s.js" integrity="{integrity}" '
+        'crossorigin="anonymous"></script>'
+    )

@@ -100,7 +100,7 @@ def create_app(settings: Settings) -> web.Application:
     app[VALIDATOR] = EventValidator(
         load_event_schemas(settings.schemas_dir), settings.max_property_depth
     )
-    app[SCRIPT] = Script.packaged()
+    app[SCRIPT] = Script.packaged(settings.event_path)
     app.cleanup_ctx.append(queue_context)
     app.cleanup_ctx.append(relay_context)
 

@@ -17,6 +17,7 @@ from . import __version__
 from .app import create_app
 from .config import Settings, SettingsError, env_name, load_settings, settings_fields
 from .schema import SchemaDirError
+from .script import Script, snippet
 
 PROG = "outbound-collector"
 log = logging.getLogger("collector")
@@ -52,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
         "environment or the TOML file only, never from a flag.",
     )
     _add_setting_flags(serve)
+    tag = commands.add_parser(
+        "script-tag",
+        help="print the tags to paste into pages, with the script's integrity hash",
+        description="Print the pre-load stub and the script tag, pinned with Subresource "
+        "Integrity, for the script this collector serves with these settings.",
+    )
+    tag.add_argument(
+        "--base-url",
+        default=None,
+        help="the URL pages load the collector from, like https://collect.example.com "
+        "(default: http://HOST:PORT)",
+    )
+    _add_setting_flags(tag)
     return parser
 
 
@@ -134,8 +148,20 @@ def _print_banner(settings: Settings, addresses: Sequence[object]) -> None:
     )
 
 
+def script_tag(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_from(args)
+    except SettingsError as error:
+        return _fail(str(error))
+    base = (args.base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    print(snippet(Script.packaged(settings.event_path), base + settings.script_path))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "script-tag":
+        return script_tag(args)
     return _fail(f"unknown command {args.command!r}")  # argparse already refuses these

@@ -1,4 +1,8 @@
-"""Script: the browser tracker from static/, served cacheable, compressed and pinnable."""
+"""Script: the browser tracker from static/, served cacheable, compressed and pinnable.
+
+static/s.js is the readable source; static/s.min.js, built from it by scripts/build-script,
+is what browsers get.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from importlib import resources
 
 from aiohttp import web
 
+EVENT_PATH_MARK = b"{{EVENT_PATH}}"
 CACHE_CONTROL = "public, max-age=3600, stale-while-revalidate=86400"
 
 
@@ -23,9 +28,12 @@ class Script:
     integrity: str
 
     @classmethod
-    def packaged(cls, name: str = "s.js") -> Script:
-        source = resources.files("collector").joinpath("static", name).read_bytes()
-        return cls.of(source)
+    def packaged(cls, event_path: str = "/e") -> Script:
+        """The built script (static/s.min.js) with the collector's event path as its default."""
+        source = resources.files("collector").joinpath("static", "s.min.js").read_bytes()
+        if EVENT_PATH_MARK not in source:
+            raise ValueError("static/s.min.js lacks its event path placeholder")
+        return cls.of(source.replace(EVENT_PATH_MARK, event_path.encode("utf-8")))
 
     @classmethod
     def of(cls, source: bytes) -> Script:
@@ -42,8 +50,10 @@ class Script:
             "ETag": self.etag,
             "Cache-Control": CACHE_CONTROL,
             "Vary": "Accept-Encoding",
-            # The script is meant to be loaded by other sites' pages.
+            # The script is meant to be loaded by other sites' pages, with integrity checks,
+            # which need a CORS-readable response. It holds no secret and takes no cookie.
             "Cross-Origin-Resource-Policy": "cross-origin",
+            "Access-Control-Allow-Origin": "*",
         }
         wanted = _entity_tags(request.headers.get("If-None-Match", ""))
         if self.etag in wanted or "*" in wanted:
@@ -58,6 +68,21 @@ class Script:
             content_type="application/javascript",
             charset="utf-8",
         )
+
+
+STUB = (
+    "<script>window.outbound=window.outbound||function(){(outbound.q=outbound.q||[])"
+    ".push([arguments,location.href,document.title,Date.now()])}</script>"
+)
+
+
+def snippet(script: Script, script_url: str) -> str:
+    """What a site pastes into its pages: the pre-load stub and the pinned script tag."""
+    return (
+        f"{STUB}\n"
+        f'<script defer src="{script_url}" integrity="{script.integrity}" '
+        'crossorigin="anonymous"></script>'
+    )
 
 
 def _entity_tags(header: str) -> set[str]:

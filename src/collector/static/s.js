@@ -1,74 +1,264 @@
-/* Outbound collector: page views and track() calls, beaconed first-party. ES5, no dependencies. */
-(function (window, document) {
+/* Outbound collector: page views, marked clicks and forms, track/identify/page/reset.
+   Hand-written ES5, no dependencies. Configured by its own tag's data-* attributes (README). */
+(function (w, d, nav) {
   "use strict";
-  var tag = document.currentScript;
-  if (!tag || (window.outbound && window.outbound.loaded)) return;
+  var tag = d.currentScript;
+  var queued = w.outbound;
+  if (!tag || (queued && queued.loaded)) return;
+
+  var PREFIX = "outbound:";
+  var MARK = "data-outbound";
+  var BATCH_BYTES = 60000; // under the 64 KiB that keepalive requests may carry
+  var OUTBOX_SIZE = 200;
+  var link = d.createElement("a");
+  link.href = tag.src;
+  var endpoint = setting("endpoint") || link.protocol + "//" + link.host + "{{EVENT_PATH}}";
+  var hashRouting = enabled("hash-routing");
+  var userId = setting("user-id");
+  var userHash = setting("user-hash");
+  var anonymousId = load("aid") || uuid();
+  var memory = []; // the outbox when localStorage is unavailable
+  var flying = {}; // message ids being sent now
+  var tried = {}; // message ids this page has tried to send
+  var flushTimer, retryTimer, backoff = 0, lastUrl, referrer = d.referrer;
+  var replayedAt; // [url, title, time] of a call made before the script loaded
+  var hidden; // the page is going away (pagehide), unless it comes back from the bfcache
+  save("aid", anonymousId);
 
   function setting(name) {
     return tag.getAttribute("data-" + name);
   }
 
-  var origin = document.createElement("a");
-  origin.href = tag.src;
-  var endpoint = setting("endpoint") || origin.protocol + "//" + origin.host + "/e";
-  var storage = window.localStorage;
-  var anonymousId = storage.getItem("ob_aid");
-  if (!anonymousId) {
-    anonymousId = uuid();
-    storage.setItem("ob_aid", anonymousId);
+  function enabled(name) {
+    var value = setting(name);
+    return value !== null && value !== "false";
   }
-  var userId = setting("user-id");
-  var userHash = setting("user-hash");
+
+  function load(key) {
+    try {
+      return JSON.parse(w.localStorage.getItem(PREFIX + key));
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function save(key, value) {
+    try {
+      w.localStorage.setItem(PREFIX + key, JSON.stringify(value));
+    } catch (e) {}
+  }
 
   function uuid() {
-    if (window.crypto && window.crypto.randomUUID) return window.crypto.randomUUID();
-    return "xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx".replace(/[xy]/g, function (c) {
-      var r = (Math.random() * 16) | 0;
-      return (c === "x" ? r : (r & 3) | 8).toString(16);
+    var c = w.crypto;
+    if (c.randomUUID) return c.randomUUID();
+    var b = c.getRandomValues(new Uint8Array(16));
+    return [].map.call(b, function (x) { return (x + 256).toString(16).slice(1); }).join("");
+  }
+
+  // The one place that decides not to send: opt-out, automation, privacy signals.
+  function refused() {
+    return load("opt_out") ||
+      (nav.webdriver && !enabled("allow-automation")) ||
+      (nav.globalPrivacyControl && setting("respect-gpc") !== "false") ||
+      (nav.doNotTrack === "1" && enabled("respect-dnt"));
+  }
+
+  // Unacknowledged events live in localStorage so that a reload does not lose them.
+  function outbox(events) {
+    if (events) save("outbox", memory = events.slice(-OUTBOX_SIZE));
+    return load("outbox") || memory;
+  }
+
+  function record(type, fields) {
+    if (refused()) return;
+    var at = replayedAt || [location.href, d.title, Date.now()];
+    link.href = at[0];
+    fields.type = type;
+    fields.message_id = uuid();
+    fields.anonymous_id = anonymousId;
+    fields.timestamp = at[2] / 1000;
+    fields.context = {
+      url: at[0],
+      path: link.pathname,
+      title: at[1],
+      referrer: referrer,
+      locale: nav.language,
+      screen: screen.width + "x" + screen.height
+    };
+    if (userId) fields.user_id = userId;
+    if (userId && userHash) fields.user_hash = userHash;
+    outbox(outbox().concat([fields]));
+    flushTimer = flushTimer || setTimeout(flush, 1000);
+  }
+
+  // Send what waits, in requests under the keepalive quota. When the page is going away,
+  // requests in flight are left to keepalive (a next page must not send them again), what
+  // was never tried is beaconed, and what failed before stays for the next page load.
+  function flush(leaving) {
+    clearTimeout(flushTimer);
+    flushTimer = 0;
+    var batch = [], size = 0;
+    if (leaving) outbox(unless(flying));
+    outbox().forEach(function (event) {
+      var id = event.message_id, bytes = JSON.stringify(event).length;
+      if (flying[id] || (leaving && tried[id])) return;
+      if (size + bytes > BATCH_BYTES && batch.length) {
+        send(batch, leaving);
+        batch = [];
+        size = 0;
+      }
+      batch.push(event);
+      size += bytes;
+    });
+    if (batch.length) send(batch, leaving);
+  }
+
+  function send(batch, leaving) {
+    var ids = batch.map(function (event) {
+      flying[event.message_id] = tried[event.message_id] = 1;
+      return event.message_id;
+    });
+    var body = JSON.stringify({ batch: batch, sent_at: Date.now() / 1000 });
+    if (leaving && nav.sendBeacon && nav.sendBeacon(endpoint, body)) return sent(ids);
+    fetch(endpoint, { method: "POST", body: body, keepalive: true }).then(function (response) {
+      if (response.status > 499 || response.status === 429) throw response;
+      backoff = 0;
+      sent(ids);
+    })["catch"](function () {
+      ids.forEach(function (id) { flying[id] = 0; });
+      // Back in, if hiding took them out; a page going away aborts its own requests, but
+      // keepalive still delivers them, so those must not be sent again from the next page.
+      if (!hidden) outbox(batch.concat(unless(ids)));
+      if (retryTimer) return;
+      backoff = Math.min(30000, backoff * 2 || 1000);
+      retryTimer = setTimeout(function () {
+        retryTimer = 0;
+        flush();
+      }, backoff);
     });
   }
 
-  function now() {
-    return Date.now() / 1000;
+  function sent(ids) {
+    outbox(unless(ids));
   }
 
-  function send(event) {
-    event.message_id = uuid();
-    event.timestamp = now();
-    event.anonymous_id = anonymousId;
-    if (userId) {
-      event.user_id = userId;
-      if (userHash) event.user_hash = userHash;
-    }
-    event.context = {
-      url: location.href,
-      path: location.pathname,
-      title: document.title,
-      referrer: document.referrer,
-      locale: navigator.language
-    };
-    event.sent_at = now();
-    var body = JSON.stringify(event);
-    if (window.fetch) {
-      window.fetch(endpoint, {
-        method: "POST",
-        body: body,
-        keepalive: true,
-        headers: { "Content-Type": "text/plain" }
-      });
-    } else if (navigator.sendBeacon) {
-      navigator.sendBeacon(endpoint, body);
-    }
+  // The outbox without the given message ids (an array, or an object of flags).
+  function unless(ids) {
+    return outbox().filter(function (event) {
+      var id = event.message_id;
+      return ids.indexOf ? ids.indexOf(id) < 0 : !ids[id];
+    });
   }
 
-  window.outbound = {
+  function page(force) {
+    var url = replayedAt ? replayedAt[0] : location.href;
+    if (!hashRouting) url = url.split("#")[0];
+    if (url === lastUrl && !force) return;
+    if (lastUrl && url !== lastUrl) referrer = lastUrl;
+    lastUrl = url;
+    record("page", {});
+  }
+
+  function properties(element) {
+    var result = {};
+    [].forEach.call(element.attributes, function (attribute) {
+      var name = attribute.name;
+      if (name.indexOf(MARK + "-") === 0) result[name.slice(MARK.length + 1)] = attribute.value;
+    });
+    return result;
+  }
+
+  // Generic captures describe the element, never what was typed into it.
+  function describe(element) {
+    var result = {}, text = (element.innerText || "").replace(/\s+/g, " ").trim();
+    if (element.id) result.id = element.id;
+    if (element.getAttribute("name")) result.name = element.getAttribute("name");
+    if (text && element.tagName !== "FORM") result.text = text.slice(0, 60);
+    return result;
+  }
+
+  function capture(element, generic) {
+    var name = element.getAttribute(MARK);
+    if (name) record("track", { event: name, properties: properties(element) });
+    else if (generic) record("track", { event: generic, properties: describe(element) });
+    else return;
+    flush(); // the page may be about to navigate away: send now, with keepalive
+  }
+
+  var api = {
     loaded: true,
-    track: function (name, properties) {
-      send({ type: "track", event: name, properties: properties || {} });
+    track: function (event, props) {
+      record("track", { event: event, properties: props || {} });
+    },
+    identify: function (id, traits, hash) {
+      userId = id;
+      userHash = hash;
+      record("identify", { traits: traits || {} });
     },
     page: function () {
-      send({ type: "page" });
+      page(true);
+    },
+    reset: function () {
+      userId = userHash = null;
+      save("aid", anonymousId = uuid());
     }
   };
-  window.outbound.page();
-})(window, document);
+
+  // The pre-load stub is `outbound(method, ...args)`; the script keeps that calling style.
+  function outboundCall(method) {
+    var args = [].slice.call(arguments, 1);
+    if (api[method]) api[method].apply(null, args);
+  }
+  for (var method in api) outboundCall[method] = api[method];
+  w.outbound = outboundCall;
+
+  function navigated() {
+    page(false);
+  }
+
+  var history = w.history;
+  ["pushState", "replaceState"].forEach(function (name) {
+    var original = history[name];
+    history[name] = function () {
+      var result = original.apply(this, arguments);
+      navigated();
+      return result;
+    };
+  });
+  w.addEventListener("popstate", navigated);
+  if (hashRouting) w.addEventListener("hashchange", navigated);
+  w.addEventListener("pageshow", function (event) {
+    hidden = 0;
+    if (event.persisted) page(true); // restored from the back/forward cache
+  });
+  w.addEventListener("pagehide", function () {
+    hidden = 1;
+    flush(1);
+  });
+  d.addEventListener("visibilitychange", function () {
+    if (d.visibilityState === "hidden") flush(1);
+  });
+  d.addEventListener("click", function (event) {
+    var target = event.target;
+    var marked = target.closest && target.closest("[" + MARK + "]");
+    if (marked && marked.tagName !== "FORM") capture(marked);
+    else if (enabled("track-clicks") && (target = target.closest("button"))) {
+      capture(target, "Button clicked");
+    }
+  }, true);
+  d.addEventListener("submit", function (event) {
+    capture(event.target, enabled("track-forms") && "Form submitted");
+  }, true);
+
+  // Calls made before the script loaded, each with the page it was made on.
+  ((queued && queued.q) || []).forEach(function (call) {
+    replayedAt = call.slice(1);
+    outboundCall.apply(null, call[0]);
+  });
+  replayedAt = 0;
+  if (setting("track-pages") !== "false") {
+    if (d.prerendering) d.addEventListener("prerenderingchange", navigated);
+    else navigated();
+  }
+  flush();
+})(window, document, navigator);
