@@ -116,6 +116,8 @@ def test_secrets_never_print() -> None:
         ),
         ({"COLLECTOR_RELAY_TIMEOUT": "0"}, "COLLECTOR_RELAY_TIMEOUT", "positive number"),
         ({"COLLECTOR_RELAY_TIMEOUT": "nan"}, "COLLECTOR_RELAY_TIMEOUT", "positive number"),
+        ({"COLLECTOR_DEDUPE_WINDOW": "-1"}, "COLLECTOR_DEDUPE_WINDOW", "zero or more seconds"),
+        ({"COLLECTOR_RETRY_CAP": "true"}, "COLLECTOR_RETRY_CAP", "number of seconds"),
         ({"COLLECTOR_SCRIPT_PATH": "s.js"}, "COLLECTOR_SCRIPT_PATH", "starting with '/'"),
         ({"COLLECTOR_MAX_BATCH_EVENTS": "0"}, "COLLECTOR_MAX_BATCH_EVENTS", "at least 1"),
         ({"COLLECTOR_RETRY_BASE": "600"}, "retry_base", "must not be larger than retry_cap"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -257,3 +258,18 @@ async def test_healthz_and_readyz(collector: Collector) -> None:
     assert status == 200
     assert body["status"] == "ready"
     assert body["queue"] == {"depth": 0, "oldest_received_at": None, "dead_letters": 0}
+
+
+async def test_resent_event_is_accepted_and_delivered_once(
+    collector: Collector, fake: FakeOutbound
+) -> None:
+    event = {**SEED_EVENT, "message_id": "m-resent-1"}
+    assert (await collector.post("/e", event))[1] == {"accepted": 1, "rejected": []}
+    await fake.wait_for(2)
+    status, answer, _ = await collector.post(
+        "/e", {"batch": [event, {**event, "message_id": "m-2"}]}
+    )
+    assert (status, answer) == (202, {"accepted": 2, "rejected": [], "duplicates": 1})
+    await fake.wait_for(3)
+    await asyncio.sleep(0.3)
+    assert [r.headers["X-Outbound-GUID"] for r in fake.tracks()] == ["m-resent-1", "m-2"]

@@ -141,3 +141,36 @@ async def test_closed_queue_refuses_work(tmp_path: Path) -> None:
     await q.close()
     with pytest.raises(QueueUnavailable):
         await q.put([rec("a", 1)])
+
+
+async def test_a_resent_message_id_is_stored_once(queue: SQLiteQueue) -> None:
+    assert await queue.put([rec("a", 1), rec("a", 2)]) == 0
+    assert await queue.put([rec("a", 2), rec("a", 3)]) == 1
+    [head] = await queue.claim(5, now=NOW, lease=60)
+    await queue.ack(head.id)
+    # Delivered and gone from the queue, but still remembered within the window.
+    assert await queue.put([rec("a", 1)]) == 1
+    assert (await queue.stats()).depth == 2
+    assert (queue.stored, queue.duplicates) == (3, 2)
+
+
+async def test_dedupe_forgets_after_its_window(tmp_path: Path) -> None:
+    q = SQLiteQueue(tmp_path / "q.sqlite3", dedupe_window=100)
+    await q.open()
+    try:
+        await q.put([rec("a", 1)])
+        later = {**rec("b", 1), "received_at": NOW + 101}
+        await q.put([later])  # prunes what is older than the window
+        assert await q.put([{**rec("a", 1), "received_at": NOW + 102}]) == 0
+    finally:
+        await q.close()
+
+
+async def test_dedupe_can_be_turned_off(tmp_path: Path) -> None:
+    q = SQLiteQueue(tmp_path / "q.sqlite3", dedupe_window=0)
+    await q.open()
+    try:
+        assert await q.put([rec("a", 1), rec("a", 1)]) == 0
+        assert (await q.stats()).depth == 2
+    finally:
+        await q.close()

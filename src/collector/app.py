@@ -25,7 +25,11 @@ QUEUE_FILE = "queue.sqlite3"
 
 async def queue_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    queue = SQLiteQueue(settings.data_dir / QUEUE_FILE, synchronous=settings.durability)
+    queue = SQLiteQueue(
+        settings.data_dir / QUEUE_FILE,
+        synchronous=settings.durability,
+        dedupe_window=settings.dedupe_window,
+    )
     await queue.open()
     app[QUEUE] = queue
     yield

@@ -138,11 +138,17 @@ def _print_banner(settings: Settings, addresses: Sequence[object]) -> None:
         if settings.dry_run
         else f"relaying to {settings.outbound_url}"
     )
+    origins = (
+        ", ".join(settings.allowed_origins)
+        if settings.allowed_origins
+        else "none besides this one; set COLLECTOR_ALLOWED_ORIGINS to the sites embedding the script"
+    )
     print(
         f"{PROG} {__version__} listening on {base}\n"
         f"  script: {base}{settings.script_path}\n"
         f"  events: {base}{settings.event_path}  (and {base}/v2/track, {base}/v2/identify)\n"
         f"  queue:  {settings.data_dir / 'queue.sqlite3'}\n"
+        f"  origins allowed: {origins}\n"
         f"  relay:  {relay}",
         flush=True,
     )

@@ -79,25 +79,25 @@ def _integer(low: int, high: int | None = None) -> Parser:
     return parse
 
 
-def _seconds(raw: object) -> float:
+def _number_of_seconds(raw: object, *, zero: bool) -> float:
     try:
+        if isinstance(raw, bool):
+            raise ValueError
         value = float(raw) if isinstance(raw, int | float) else float(_text(raw))
     except ValueError:
         raise ValueError(f"must be a number of seconds, got {raw!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"must be a positive number of seconds, got {raw!r}")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        kind = "zero or more" if zero else "a positive number of"
+        raise ValueError(f"must be {kind} seconds, got {raw!r}")
     return value
 
 
-def _boolean(raw: object) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = _text(raw).lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"must be true or false, got {raw!r}")
+def _seconds(raw: object) -> float:
+    return _number_of_seconds(raw, zero=False)
+
+
+def _non_negative_seconds(raw: object) -> float:
+    return _number_of_seconds(raw, zero=True)
 
 
 def _choice(*choices: str) -> Parser:
@@ -262,6 +262,11 @@ class Settings:
         _context_property,
         "Property key under which server context (page, locale, user agent) is forwarded "
         "to Outbound; empty turns forwarding off.",
+    )
+    dedupe_window: float = setting(
+        3600.0,
+        _non_negative_seconds,
+        "Seconds a message_id is remembered, so that a resent event is stored once; 0: off.",
     )
     durability: str = setting(
         "normal",

@@ -179,9 +179,10 @@ def _reserved_problem(event: dict[str, Any], settings: Settings) -> list[Problem
 
 async def store(request: web.Request, verdicts: Verdicts) -> web.Response:
     """Commit the valid records, then answer: 202 only once they are on disk."""
+    duplicates = 0
     if verdicts.records:
         try:
-            await request.app[QUEUE].put(verdicts.records)
+            duplicates = await request.app[QUEUE].put(verdicts.records)
         except QueueUnavailable as error:
             log.error("queue refused %d events: %s", len(verdicts.records), error)
             return error_response(
@@ -189,7 +190,10 @@ async def store(request: web.Request, verdicts: Verdicts) -> web.Response:
             )
         request.app[RELAY].wake()
     status = 202 if verdicts.records else 400
-    return json_response({"accepted": len(verdicts.records), "rejected": verdicts.rejected}, status)
+    answer: dict[str, Any] = {"accepted": len(verdicts.records), "rejected": verdicts.rejected}
+    if duplicates:
+        answer["duplicates"] = duplicates  # accepted, already stored earlier under their ids
+    return json_response(answer, status)
 
 
 async def _handle(

@@ -41,11 +41,13 @@ class QueueUnavailable(Exception):
 class Queue(Protocol):
     """What the app and the relay need from a queue; SQLite is the embedded implementation.
 
-    `put` returns only after the records are durable. `claim` hands out, for each user,
-    only the oldest waiting event, so events of one user are delivered in order.
+    `put` returns only after the records are durable, and stores a message id seen
+    within the dedupe window only once. `claim` hands out, for each user, only the oldest
+    waiting event, so events of one user are delivered in order.
     """
 
-    async def put(self, records: Sequence[Record]) -> None: ...
+    async def put(self, records: Sequence[Record]) -> int:
+        """Store the records; returns how many were duplicates of recent message ids."""
 
     async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]: ...
 
@@ -78,6 +80,11 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_key, id);
+CREATE TABLE IF NOT EXISTS received (
+    message_id TEXT PRIMARY KEY,
+    received_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS received_by_time ON received (received_at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     message_id TEXT NOT NULL,
@@ -115,9 +122,13 @@ class SQLiteQueue:
     many concurrent requests cost one fsync rather than one each.
     """
 
-    def __init__(self, path: Path, *, synchronous: str = "normal") -> None:
+    def __init__(
+        self, path: Path, *, synchronous: str = "normal", dedupe_window: float = 3600.0
+    ) -> None:
         self.path = path
         self._synchronous = synchronous.upper()
+        self._dedupe_window = dedupe_window
+        self._pruned_at = 0.0
         self._pending: list[tuple[Operation, asyncio.Future[Any]]] = []
         self._work = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
@@ -126,6 +137,7 @@ class SQLiteQueue:
         self._healthy = True
         self.commits = 0
         self.stored = 0
+        self.duplicates = 0
         self.last_error: str | None = None
 
     @property
@@ -208,21 +220,43 @@ class SQLiteQueue:
             raise
         return results
 
-    async def put(self, records: Sequence[Record]) -> None:
+    async def put(self, records: Sequence[Record]) -> int:
         rows = [
             (user_key(r), r["message_id"], r["received_at"], r["received_at"], orjson.dumps(r))
             for r in records
         ]
+        window = self._dedupe_window
+        now = max((r["received_at"] for r in records), default=0.0)
+        prune = window > 0 and now - self._pruned_at > min(window, 60.0)
+        if prune:
+            self._pruned_at = now
 
-        def insert(connection: sqlite3.Connection) -> None:
+        def insert(connection: sqlite3.Connection) -> int:
+            fresh = rows
+            if window > 0:
+                if prune:
+                    connection.execute(
+                        "DELETE FROM received WHERE received_at < ?", (now - window,)
+                    )
+                fresh = [
+                    row
+                    for row in rows
+                    if connection.execute(
+                        "INSERT OR IGNORE INTO received (message_id, received_at) VALUES (?, ?)",
+                        (row[1], row[2]),
+                    ).rowcount
+                ]
             connection.executemany(
                 "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
                 " VALUES (?, ?, ?, ?, ?)",
-                rows,
+                fresh,
             )
+            return len(rows) - len(fresh)
 
-        await self._submit(insert)
-        self.stored += len(rows)
+        duplicates: int = await self._submit(insert)
+        self.stored += len(rows) - duplicates
+        self.duplicates += duplicates
+        return duplicates
 
     async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]:
         def select_and_lease(connection: sqlite3.Connection) -> list[Claimed]:
