@@ -141,7 +141,7 @@ def _print_banner(settings: Settings, addresses: Sequence[object]) -> None:
     origins = (
         ", ".join(settings.allowed_origins)
         if settings.allowed_origins
-        else "none besides this one; set COLLECTOR_ALLOWED_ORIGINS to the sites embedding the script"
+        else "none but its own; set COLLECTOR_ALLOWED_ORIGINS to the sites embedding the script"
     )
     print(
         f"{PROG} {__version__} listening on {base}\n"
