@@ -186,19 +186,19 @@ async def test_401_pauses_relay_keeps_events_and_resumes(
     fake.key = "rotated-key"
     for i in range(3):
         await collector.post("/e", {**SEED_EVENT, "event": f"e{i}", "user_id": f"u{i}"})
-    await eventually(lambda: collector.relay.paused_reason is not None)
+    await eventually(lambda: collector.relay.breaker.is_open)
     assert "PAUSED" in caplog.text
     assert KEY not in caplog.text
     status, ready, _ = await collector.get("/readyz")
     assert status == 503
-    assert "relay paused: Outbound rejected the API key (401)" in ready["problems"]
+    assert "relay circuit open: Outbound rejected the API key (401)" in ready["problems"]
     assert (await collector.queue.stats()).depth == 3
     assert (await collector.queue.stats()).dead_letters == 0
 
     fake.key = KEY  # the key works again: the next probe succeeds and the backlog drains
     await fake.wait_for(6)
     assert sorted(r.body["event"] for r in fake.tracks()) == ["e0", "e1", "e2"]
-    assert collector.relay.paused_reason is None
+    assert not collector.relay.breaker.is_open
 
 
 async def test_restart_keeps_queued_events_and_delivers_them(

@@ -29,8 +29,16 @@ async def queue_context(app: web.Application) -> AsyncIterator[None]:
         settings.data_dir / QUEUE_FILE,
         synchronous=settings.durability,
         dedupe_window=settings.dedupe_window,
+        max_events=settings.queue_max_events,
+        max_bytes=settings.queue_max_bytes,
     )
     await queue.open()
+    if queue.interrupted:
+        log.warning(
+            "%d events were being sent when the collector last stopped; they go again, "
+            "with the same X-Outbound-GUID so that Outbound can drop a resend",
+            queue.interrupted,
+        )
     app[QUEUE] = queue
     yield
     await queue.close()
@@ -78,8 +86,8 @@ async def get_readyz(request: web.Request) -> web.Response:
         stats = None
     if not queue.healthy:
         problems.append("queue: the last commit failed")
-    if relay.paused_reason is not None:
-        problems.append(f"relay paused: {relay.paused_reason}")
+    if relay.breaker.is_open:
+        problems.append(f"relay circuit open: {relay.breaker.reason}")
     elif not relay.healthy:
         problems.append("relay: not running")
     body = {

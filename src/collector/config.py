@@ -284,7 +284,16 @@ class Settings:
         60.0, _seconds, "Seconds a claimed event stays reserved before another attempt may take it."
     )
     probe_interval: float = setting(
-        30.0, _seconds, "Seconds between probes while Outbound rejects the API key."
+        30.0, _seconds, "Seconds between probes while the relay's circuit is open."
+    )
+    breaker_threshold: int = setting(
+        10, _integer(1), "Failed Outbound calls in a row that open the relay's circuit."
+    )
+    queue_max_events: int = setting(
+        2_000_000, _integer(1), "Most events waiting in the queue; beyond, ingest answers 503."
+    )
+    queue_max_bytes: int = setting(
+        1 << 30, _integer(1024), "Most bytes of events waiting in the queue; beyond, 503."
     )
     cors_max_age: int = setting(86400, _integer(0), "Seconds browsers may cache a preflight.")
     log_level: str = setting("info", _choice("debug", "info", "warning", "error"), "Log level.")

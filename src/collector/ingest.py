@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +17,13 @@ from aiohttp.web_protocol import RequestPayloadError
 from .config import Settings
 from .enrich import Record, Sender, client_ip, enrich, from_outbound_identify, from_outbound_track
 from .keys import QUEUE, RELAY, SETTINGS, VALIDATOR
-from .queue import QueueUnavailable
+from .queue import QueueFull, QueueUnavailable
 from .schema import Kind, Problem
 
 log = logging.getLogger("collector.ingest")
 
 JSON_TYPES = frozenset({"application/json", "text/plain"})
-_BUSY_RETRY_AFTER = "5"
+_RETRY_LATER = {"Retry-After": "5"}
 
 
 class RequestError(Exception):
@@ -36,14 +36,18 @@ class RequestError(Exception):
         self.close = close
 
 
-def json_response(body: object, status: int = 200, **headers: str) -> web.Response:
+def json_response(
+    body: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
 
 
-def error_response(status: int, message: str, **headers: str) -> web.Response:
-    return json_response({"error": message}, status, **headers)
+def error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return json_response({"error": message}, status, headers)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -183,10 +187,17 @@ async def store(request: web.Request, verdicts: Verdicts) -> web.Response:
     if verdicts.records:
         try:
             duplicates = await request.app[QUEUE].put(verdicts.records)
+        except QueueFull as error:
+            log.warning("queue refused %d events: %s", len(verdicts.records), error)
+            return error_response(
+                503, "the queue is full; nothing was stored, retry later", _RETRY_LATER
+            )
         except QueueUnavailable as error:
             log.error("queue refused %d events: %s", len(verdicts.records), error)
             return error_response(
-                503, "events cannot be stored right now; retry later", Retry_After=_BUSY_RETRY_AFTER
+                503,
+                "events cannot be stored right now; nothing was stored, retry later",
+                _RETRY_LATER,
             )
         request.app[RELAY].wake()
     status = 202 if verdicts.records else 400

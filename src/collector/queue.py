@@ -38,6 +38,10 @@ class QueueUnavailable(Exception):
     """The queue could not commit; nothing of the failed operation was stored."""
 
 
+class QueueFull(QueueUnavailable):
+    """The queue holds as many events or bytes as it may; nothing was stored."""
+
+
 class Queue(Protocol):
     """What the app and the relay need from a queue; SQLite is the embedded implementation.
 
@@ -56,6 +60,9 @@ class Queue(Protocol):
     async def retry(self, event_id: int, *, available_at: float, error: str) -> None: ...
 
     async def release(self, event_id: int) -> None: ...
+
+    async def reset_backoff(self, now: float) -> None:
+        """Make every waiting event due now (Outbound is back)."""
 
     async def dead_letter(
         self, event_id: int, *, reason: str, status: int | None, response: str, now: float
@@ -123,9 +130,20 @@ class SQLiteQueue:
     """
 
     def __init__(
-        self, path: Path, *, synchronous: str = "normal", dedupe_window: float = 3600.0
+        self,
+        path: Path,
+        *,
+        synchronous: str = "normal",
+        dedupe_window: float = 3600.0,
+        max_events: int = 2_000_000,
+        max_bytes: int = 1 << 30,
     ) -> None:
         self.path = path
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self.depth = 0  # events waiting, kept by the writer thread
+        self.bytes = 0
+        self.interrupted = 0  # events whose delivery a previous process did not finish
         self._synchronous = synchronous.upper()
         self._dedupe_window = dedupe_window
         self._pruned_at = 0.0
@@ -157,8 +175,14 @@ class SQLiteQueue:
         connection.execute(f"PRAGMA synchronous={self._synchronous}")
         connection.execute("PRAGMA busy_timeout=5000")
         connection.executescript(_SCHEMA)
-        # This process owns the file: leases held by a process that died are void.
-        connection.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0")
+        # This process owns the file: leases held by a process that died are void. Those
+        # events may have reached Outbound already; they go again with the same GUID.
+        self.interrupted = connection.execute(
+            "UPDATE events SET lease_until = 0 WHERE lease_until > 0"
+        ).rowcount
+        self.depth, self.bytes = connection.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM events"
+        ).fetchone()
         return connection
 
     async def close(self) -> None:
@@ -232,6 +256,9 @@ class SQLiteQueue:
             self._pruned_at = now
 
         def insert(connection: sqlite3.Connection) -> int:
+            size = sum(len(row[4]) for row in rows)
+            if self.depth + len(rows) > self._max_events or self.bytes + size > self._max_bytes:
+                return -1
             fresh = rows
             if window > 0:
                 if prune:
@@ -251,9 +278,12 @@ class SQLiteQueue:
                 " VALUES (?, ?, ?, ?, ?)",
                 fresh,
             )
+            self._counted(len(fresh), sum(len(row[4]) for row in fresh))
             return len(rows) - len(fresh)
 
         duplicates: int = await self._submit(insert)
+        if duplicates < 0:
+            raise QueueFull(f"the queue is full ({self.depth} events, {self.bytes} bytes)")
         self.stored += len(rows) - duplicates
         self.duplicates += duplicates
         return duplicates
@@ -270,8 +300,19 @@ class SQLiteQueue:
         claimed: list[Claimed] = await self._submit(select_and_lease)
         return claimed
 
+    def _counted(self, events: int, size: int) -> None:
+        """Keep depth and bytes in step with the table; run inside the writer's transaction."""
+        self.depth += events
+        self.bytes += size
+
+    def _delete(self, connection: sqlite3.Connection, event_id: int) -> None:
+        for (size,) in connection.execute(
+            "DELETE FROM events WHERE id = ? RETURNING LENGTH(body)", (event_id,)
+        ).fetchall():
+            self._counted(-1, -size)
+
     async def ack(self, event_id: int) -> None:
-        await self._submit(lambda c: c.execute("DELETE FROM events WHERE id = ?", (event_id,)))
+        await self._submit(lambda connection: self._delete(connection, event_id))
 
     async def retry(self, event_id: int, *, available_at: float, error: str) -> None:
         await self._submit(
@@ -298,9 +339,16 @@ class SQLiteQueue:
                 " FROM events WHERE id = ?",
                 (now, reason, status, response, event_id),
             )
-            connection.execute("DELETE FROM events WHERE id = ?", (event_id,))
+            self._delete(connection, event_id)
 
         await self._submit(move)
+
+    async def reset_backoff(self, now: float) -> None:
+        await self._submit(
+            lambda c: c.execute(
+                "UPDATE events SET available_at = received_at WHERE available_at > ?", (now,)
+            )
+        )
 
     async def stats(self) -> QueueStats:
         def read(connection: sqlite3.Connection) -> QueueStats:

@@ -66,6 +66,58 @@ def decide(
     return Decision("retry", delay=max(backoff, floor), reason=described)
 
 
+@dataclass
+class Breaker:
+    """The relay's circuit: open after sustained failures or at once for a rejected key.
+
+    While open nothing is sent but one probe event per `probe_interval`; the first
+    success closes it.
+    """
+
+    threshold: int
+    probe_interval: float
+    failures: int = 0
+    reason: str | None = None
+    probe_at: float = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self.reason is not None
+
+    def capacity(self, free: int, *, in_flight: int, now: float) -> int:
+        """How many events may be claimed now."""
+        if not self.is_open:
+            return free
+        return 1 if now >= self.probe_at and in_flight == 0 and free > 0 else 0
+
+    def probing(self, now: float) -> None:
+        self.probe_at = now + self.probe_interval
+
+    def succeeded(self) -> bool:
+        """Outbound answered; True when that closed the circuit."""
+        was_open = self.is_open
+        self.failures, self.reason = 0, None
+        return was_open
+
+    def failed(self, reason: str, *, now: float) -> bool:
+        """A retryable failure; True when it opened the circuit."""
+        self.failures += 1
+        if self.is_open:
+            self.reason = reason
+            self.probe_at = max(self.probe_at, now + self.probe_interval)
+            return False
+        if self.failures < self.threshold:
+            return False
+        return self.trip(reason, now=now)
+
+    def trip(self, reason: str, *, now: float) -> bool:
+        """Open at once (a rejected key); True when it was closed before."""
+        was_open = self.is_open
+        self.reason = reason
+        self.probe_at = now + self.probe_interval
+        return not was_open
+
+
 class Relay:
     """The background worker between the queue and Outbound (start, wake, close, healthy)."""
 
@@ -88,12 +140,12 @@ class Relay:
         self._identified: OrderedDict[str, None] = OrderedDict()
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
-        self.paused_reason: str | None = None
-        self._probe_at = 0.0
+        self.breaker = Breaker(settings.breaker_threshold, settings.probe_interval)
 
     @property
     def healthy(self) -> bool:
-        return self.paused_reason is None and self._runner is not None and not self._runner.done()
+        running = self._runner is not None and not self._runner.done()
+        return running and not self.breaker.is_open
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="relay")
@@ -115,30 +167,31 @@ class Relay:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _run(self) -> None:
-        settings = self._settings
+        settings, breaker = self._settings, self.breaker
         while not self._closing:
             self._wake.clear()
             now = self._clock()
-            free = settings.relay_concurrency - len(self._inflight)
-            if self.paused_reason is not None:
-                # Paused: one probe event per interval, and only when nothing is in flight.
-                free = 1 if now >= self._probe_at and not self._inflight else 0
+            free = breaker.capacity(
+                settings.relay_concurrency - len(self._inflight),
+                in_flight=len(self._inflight),
+                now=now,
+            )
             claimed: list[Claimed] = []
             if free > 0:
                 try:
                     claimed = await self._queue.claim(free, now=now, lease=settings.lease_seconds)
                 except Exception:
                     log.exception("relay could not claim events; trying again shortly")
-            if self.paused_reason is not None and claimed:
-                self._probe_at = now + settings.probe_interval
+            if breaker.is_open and claimed:
+                breaker.probing(now)
             for item in claimed:
                 task = asyncio.create_task(self._deliver(item))
                 self._inflight.add(task)
                 task.add_done_callback(self._finished)
             if not claimed:
                 timeout = IDLE_POLL
-                if self.paused_reason is not None:
-                    timeout = max(0.0, min(IDLE_POLL, self._probe_at - now))
+                if breaker.is_open:
+                    timeout = max(0.0, min(IDLE_POLL, breaker.probe_at - now))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -174,19 +227,16 @@ class Relay:
             window=settings.retry_window,
             jitter=self._jitter(),
         )
+        message_id = record["message_id"]
         if decision.action == "ack":
             await self._queue.ack(item.id)
-            if self.paused_reason is not None:
-                log.warning("Outbound accepted the key again: relay resumed")
-                self.paused_reason = None
-                self._wake.set()
         elif decision.action == "retry":
             await self._queue.retry(
                 item.id, available_at=now + decision.delay, error=decision.reason
             )
             log.info(
                 "event %s to retry in %.1f s (attempt %d): %s",
-                record["message_id"],
+                message_id,
                 decision.delay,
                 item.attempts + 1,
                 decision.reason,
@@ -199,18 +249,35 @@ class Relay:
                 response=answer.detail,
                 now=now,
             )
-            log.warning("event %s dead-lettered: %s", record["message_id"], decision.reason)
+            log.warning("event %s dead-lettered: %s", message_id, decision.reason)
         else:
-            await self._queue.release(item.id)
-            if self.paused_reason is None:
+            await self._queue.release(item.id)  # a rejected key is no fault of the event
+        await self._update_breaker(decision, now)
+
+    async def _update_breaker(self, decision: Decision, now: float) -> None:
+        breaker, interval = self.breaker, self._settings.probe_interval
+        if decision.action in {"ack", "dead"}:  # Outbound answered: it is up
+            if breaker.succeeded():
+                # Backoffs set while Outbound was down would hold the backlog back.
+                await self._queue.reset_backoff(now)
+                log.warning("relay circuit CLOSED: Outbound answers again; sending the backlog")
+                self._wake.set()
+        elif decision.action == "pause":
+            if breaker.trip(decision.reason, now=now):
                 log.error(
                     "%s: relay PAUSED, every event stays queued; set a valid OUTBOUND_API_KEY. "
                     "Probing every %g s.",
                     decision.reason,
-                    settings.probe_interval,
+                    interval,
                 )
-            self.paused_reason = decision.reason
-            self._probe_at = now + settings.probe_interval
+        elif breaker.failed(decision.reason, now=now):
+            log.error(
+                "relay circuit OPEN after %d failures in a row (%s): events stay queued; "
+                "probing every %g s",
+                breaker.failures,
+                decision.reason,
+                interval,
+            )
 
     def _remember(self, who: str) -> None:
         self._identified[who] = None
