@@ -54,11 +54,19 @@ class FakeOutbound:
         assert self._server is not None
         return str(self._server.make_url("")).rstrip("/")
 
-    async def start(self) -> None:
+    async def start(self, port: int | None = None) -> None:
+        """Listen on loopback; pass the old port to come back where the collector expects it."""
         app = web.Application()
         app.router.add_post("/v2/{endpoint:track|identify}", self._handle)
-        self._server = TestServer(app, host="127.0.0.1")
+        self._server = TestServer(app, host="127.0.0.1", port=port)
         await self._server.start_server()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port = self._server.port
+        assert port is not None
+        return port
 
     async def close(self) -> None:
         if self._server is not None:
@@ -75,7 +83,7 @@ class FakeOutbound:
             if remaining <= 0:
                 raise AssertionError(
                     f"expected {count} calls at the fake Outbound, got {len(self.received)}: "
-                    f"{[(r.endpoint, r.body) for r in self.received]}"
+                    f"{[(r.endpoint, r.body.get('event')) for r in self.received]}"
                 )
             self._changed.clear()
             try:

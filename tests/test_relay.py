@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collector.outbound import Answer
-from collector.relay import MAX_RETRY_AFTER, Decision, decide
+from collector.relay import MAX_RETRY_AFTER, Breaker, Decision, decide
 
 POLICY = {"base": 1.0, "cap": 300.0, "window": 3600.0}
 
@@ -78,3 +78,53 @@ def test_decide(
     answer: Answer, attempts: int, age: float, jitter: float, expected: Decision
 ) -> None:
     assert decide(answer, attempts=attempts, age=age, jitter=jitter, **POLICY) == expected
+
+
+def test_breaker_opens_after_the_threshold_and_probes_once_per_interval() -> None:
+    breaker = Breaker(threshold=3, probe_interval=10.0)
+    assert breaker.capacity(16, in_flight=0, now=0) == 16
+    assert not breaker.failed("503", now=0)
+    assert not breaker.failed("503", now=1)
+    assert breaker.failed("503", now=2)  # the third in a row opens it
+    assert breaker.is_open
+    assert breaker.reason == "503"
+    assert breaker.capacity(16, in_flight=0, now=5) == 0  # waiting for the probe time
+    assert breaker.capacity(16, in_flight=0, now=12) == 1  # one probe
+    assert breaker.capacity(16, in_flight=1, now=12) == 0  # ... and only while none is out
+    breaker.probing(now=12)
+    assert breaker.capacity(16, in_flight=0, now=13) == 0
+    assert not breaker.failed("timeout", now=13)  # a failed probe keeps it open
+    assert breaker.reason == "timeout"
+    assert breaker.capacity(16, in_flight=0, now=22) == 0
+    assert breaker.capacity(16, in_flight=0, now=23) == 1
+    assert breaker.succeeded()  # the probe went through: closed
+    assert breaker.capacity(16, in_flight=0, now=23) == 16
+    assert not breaker.succeeded()  # closing twice says so once
+
+
+def test_breaker_success_resets_the_count() -> None:
+    breaker = Breaker(threshold=2, probe_interval=1.0)
+    breaker.failed("503", now=0)
+    breaker.succeeded()
+    assert not breaker.failed("503", now=1)
+    assert not breaker.is_open
+
+
+def test_breaker_trips_at_once_for_a_rejected_key() -> None:
+    breaker = Breaker(threshold=10, probe_interval=30.0)
+    assert breaker.trip("key rejected (401)", now=100)
+    assert breaker.is_open
+    assert breaker.capacity(4, in_flight=0, now=129) == 0
+    assert breaker.capacity(4, in_flight=0, now=130) == 1
+    assert not breaker.trip("key rejected (401)", now=130)  # already open
+
+
+def test_breaker_probes_no_sooner_than_retry_after() -> None:
+    breaker = Breaker(threshold=1, probe_interval=1.0)
+    assert breaker.failed("429", now=0, wait=5.0)
+    assert breaker.capacity(1, in_flight=0, now=4.9) == 0
+    assert breaker.capacity(1, in_flight=0, now=5.0) == 1
+    breaker.probing(now=5.0)
+    assert not breaker.failed("429", now=5.1, wait=3.0)
+    assert breaker.capacity(1, in_flight=0, now=8.0) == 0
+    assert breaker.capacity(1, in_flight=0, now=8.1) == 1

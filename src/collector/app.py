@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -84,8 +85,8 @@ async def get_readyz(request: web.Request) -> web.Response:
     except Exception as error:
         problems.append(f"queue: {error}")
         stats = None
-    if not queue.healthy:
-        problems.append("queue: the last commit failed")
+    if not queue.healthy and not await queue.probe(time.time()):
+        problems.append("queue: cannot store events (the last write failed)")
     if relay.breaker.is_open:
         problems.append(f"relay circuit open: {relay.breaker.reason}")
     elif not relay.healthy:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from . import __version__
-from .app import create_app
+from .app import QUEUE_FILE, create_app
 from .config import Settings, SettingsError, env_name, load_settings, settings_fields
+from .queue import DeadLetterFilter, SQLiteQueue
 from .schema import SchemaDirError
 from .script import Script, snippet
 
@@ -66,7 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: http://HOST:PORT)",
     )
     _add_setting_flags(tag)
+    _add_dead_letters(commands)
     return parser
+
+
+def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    letters = commands.add_parser(
+        "dead-letters",
+        help="list, show, replay or purge the events Outbound refused",
+        description="Work with the dead letters in the data directory; safe while serve runs.",
+    )
+    letters.add_argument("--config", type=Path, help="TOML file of settings")
+    letters.add_argument("--data-dir", help="the collector's data directory")
+    actions = letters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="dead letters and how many there are per reason")
+    show = actions.add_parser("show", help="one dead letter in full, with Outbound's answer")
+    show.add_argument("id", type=int)
+    replay = actions.add_parser(
+        "replay", help="put dead letters back in the queue, with their original message ids"
+    )
+    purge = actions.add_parser("purge", help="delete dead letters for good")
+    for action in (listing, replay, purge):
+        action.add_argument("--id", type=int, action="append", default=[], help="by id (repeat)")
+        action.add_argument("--reason", help="whose reason contains this text")
+        action.add_argument("--status", type=int, help="by Outbound's status code")
+        action.add_argument("--event", help="by event name")
+    for action in (replay, purge):
+        action.add_argument("--all", action="store_true", help="every dead letter")
 
 
 def _fail(message: str) -> int:
@@ -164,10 +194,71 @@ def script_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def dead_letters(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(flags={"data_dir": args.data_dir}, config_file=args.config)
+    except SettingsError as error:
+        return _fail(str(error))
+    path = settings.data_dir / QUEUE_FILE
+    if not path.exists():
+        return _fail(f"data_dir: no queue at {str(path)!r}")
+    which = DeadLetterFilter()
+    if args.action != "show":
+        which = DeadLetterFilter(tuple(args.id), args.reason, args.status, args.event)
+    if args.action in {"replay", "purge"} and which.empty and not args.all:
+        return _fail(
+            f"{args.action}: name which dead letters (--id, --reason, --status, --event) or --all"
+        )
+    return asyncio.run(_dead_letters(args, path, which))
+
+
+async def _dead_letters(args: argparse.Namespace, path: Path, which: DeadLetterFilter) -> int:
+    queue = SQLiteQueue(path, owner=False)
+    await queue.open()
+    try:
+        if args.action == "show":
+            found = await queue.dead_letters(DeadLetterFilter(ids=(args.id,)))
+            if not found:
+                return _fail(f"no dead letter with id {args.id}")
+            print(json.dumps(found[0], indent=2, ensure_ascii=False))
+        elif args.action == "list":
+            _print_dead_letters(await queue.dead_letters(which), await queue.dead_letter_reasons())
+        else:
+            verb = "replayed" if args.action == "replay" else "purged"
+            operation = (
+                queue.replay_dead_letters if args.action == "replay" else queue.purge_dead_letters
+            )
+
+            def progress(done: int) -> None:
+                print(f"{verb} {done}...", file=sys.stderr, flush=True)
+
+            done = await operation(which, progress=progress)
+            print(f"{verb} {done} dead letters")
+    finally:
+        await queue.close()
+    return 0
+
+
+def _print_dead_letters(letters: list[dict[str, Any]], reasons: list[tuple[str, int]]) -> None:
+    print(f"{'ID':>6}  {'FAILED AT (UTC)':19}  {'STATUS':6}  {'EVENT':24}  REASON")
+    for letter in letters:
+        failed = datetime.fromtimestamp(letter["failed_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        record = letter["record"]
+        name = record.get("event") or record.get("type", "")
+        status = "-" if letter["status"] is None else str(letter["status"])
+        print(f"{letter['id']:>6}  {failed}  {status:6}  {name[:24]:24}  {letter['reason']}")
+    total = sum(count for _, count in reasons)
+    print(f"\n{total} dead letters in all" + (":" if reasons else ""))
+    for reason, count in reasons:
+        print(f"{count:>8}  {reason}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
     if args.command == "script-tag":
         return script_tag(args)
+    if args.command == "dead-letters":
+        return dead_letters(args)
     return _fail(f"unknown command {args.command!r}")  # argparse already refuses these

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,9 @@ class Queue(Protocol):
 
     async def stats(self) -> QueueStats: ...
 
+    async def probe(self, now: float) -> bool:
+        """Try a small real write; True when the queue can store events again."""
+
     @property
     def healthy(self) -> bool: ...
 
@@ -92,6 +96,7 @@ CREATE TABLE IF NOT EXISTS received (
     received_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS received_by_time ON received (received_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     message_id TEXT NOT NULL,
@@ -120,6 +125,39 @@ def user_key(record: Record) -> str:
 
 
 Operation = Callable[[sqlite3.Connection], Any]
+Progress = Callable[[int], None]
+_LETTER_KEYS = ("id", "message_id", "reason", "status", "response", "attempts", "failed_at")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead letters an operation concerns; every given criterion must hold."""
+
+    ids: tuple[int, ...] = ()
+    reason: str | None = None  # a part of the reason, like "400" or "still failing"
+    status: int | None = None
+    event: str | None = None
+
+    def sql(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = ["1"]
+        params: list[Any] = []
+        if self.ids:
+            clauses.append(f"id IN ({','.join('?' * len(self.ids))})")
+            params.extend(self.ids)
+        if self.reason is not None:
+            clauses.append("instr(reason, ?) > 0")
+            params.append(self.reason)
+        if self.status is not None:
+            clauses.append("status = ?")
+            params.append(self.status)
+        if self.event is not None:
+            clauses.append("json_extract(CAST(body AS TEXT), '$.event') = ?")
+            params.append(self.event)
+        return " AND ".join(clauses), params
+
+    @property
+    def empty(self) -> bool:
+        return self == DeadLetterFilter()
 
 
 class SQLiteQueue:
@@ -137,8 +175,10 @@ class SQLiteQueue:
         dedupe_window: float = 3600.0,
         max_events: int = 2_000_000,
         max_bytes: int = 1 << 30,
+        owner: bool = True,
     ) -> None:
         self.path = path
+        self._owner = owner
         self._max_events = max_events
         self._max_bytes = max_bytes
         self.depth = 0  # events waiting, kept by the writer thread
@@ -147,7 +187,7 @@ class SQLiteQueue:
         self._synchronous = synchronous.upper()
         self._dedupe_window = dedupe_window
         self._pruned_at = 0.0
-        self._pending: list[tuple[Operation, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Operation, asyncio.Future[Any], bool]] = []
         self._work = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
@@ -174,12 +214,16 @@ class SQLiteQueue:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={self._synchronous}")
         connection.execute("PRAGMA busy_timeout=5000")
+        # Checkpoints bring the write-ahead log back to this size rather than leaving it at
+        # its largest, which matters on a disk that runs full.
+        connection.execute("PRAGMA journal_size_limit=16777216")
         connection.executescript(_SCHEMA)
-        # This process owns the file: leases held by a process that died are void. Those
-        # events may have reached Outbound already; they go again with the same GUID.
-        self.interrupted = connection.execute(
-            "UPDATE events SET lease_until = 0 WHERE lease_until > 0"
-        ).rowcount
+        if self._owner:
+            # This process owns the file: leases held by a process that died are void. Those
+            # events may have reached Outbound already; they go again with the same GUID.
+            self.interrupted = connection.execute(
+                "UPDATE events SET lease_until = 0 WHERE lease_until > 0"
+            ).rowcount
         self.depth, self.bytes = connection.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM events"
         ).fetchone()
@@ -199,11 +243,13 @@ class SQLiteQueue:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def _submit(self, operation: Operation) -> Any:
+    async def _submit(self, operation: Operation, *, stores: bool = False) -> Any:
+        """Run `operation` in the next group commit. `stores`: it writes new data, so its
+        success proves the queue can store again (reads succeed on a full disk too)."""
         if self._writer is None:
             raise QueueUnavailable("the queue is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((operation, future))
+        self._pending.append((operation, future, stores))
         self._work.set()
         return await future
 
@@ -215,19 +261,20 @@ class SQLiteQueue:
             batch, self._pending = self._pending, []
             if not batch:
                 continue
-            operations = [operation for operation, _ in batch]
+            operations = [operation for operation, _, _ in batch]
             try:
                 results = await loop.run_in_executor(self._executor, self._transaction, operations)
             except Exception as error:
                 self._healthy, self.last_error = False, f"{type(error).__name__}: {error}"
                 failure = QueueUnavailable(self.last_error)
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(failure)
                 continue
-            self._healthy, self.last_error = True, None
+            if any(stores for _, _, stores in batch):
+                self._healthy, self.last_error = True, None
             self.commits += 1
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
 
@@ -281,7 +328,7 @@ class SQLiteQueue:
             self._counted(len(fresh), sum(len(row[4]) for row in fresh))
             return len(rows) - len(fresh)
 
-        duplicates: int = await self._submit(insert)
+        duplicates: int = await self._submit(insert, stores=True)
         if duplicates < 0:
             raise QueueFull(f"the queue is full ({self.depth} events, {self.bytes} bytes)")
         self.stored += len(rows) - duplicates
@@ -343,6 +390,17 @@ class SQLiteQueue:
 
         await self._submit(move)
 
+    async def probe(self, now: float) -> bool:
+        """Try a small real write; True when the queue can store events again."""
+        with contextlib.suppress(QueueUnavailable):
+            await self._submit(
+                lambda c: c.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('probed_at', ?)", (now,)
+                ),
+                stores=True,
+            )
+        return self._healthy
+
     async def reset_backoff(self, now: float) -> None:
         await self._submit(
             lambda c: c.execute(
@@ -352,27 +410,95 @@ class SQLiteQueue:
 
     async def stats(self) -> QueueStats:
         def read(connection: sqlite3.Connection) -> QueueStats:
-            depth, oldest = connection.execute(
-                "SELECT COUNT(*), MIN(received_at) FROM events"
+            depth, size, oldest = connection.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0), MIN(received_at) FROM events"
             ).fetchone()
+            # Another process (the dead-letters command) may have added events.
+            self.depth, self.bytes = depth, size
             (dead,) = connection.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
             return QueueStats(depth, oldest, dead)
 
         stats: QueueStats = await self._submit(read)
         return stats
 
-    async def dead_letters(self) -> list[dict[str, Any]]:
-        """Every dead letter with its reason and Outbound's answer (for people and tests)."""
+    async def dead_letters(
+        self, which: DeadLetterFilter | None = None, *, limit: int = -1
+    ) -> list[dict[str, Any]]:
+        """Dead letters (all or those matching), oldest first, with reason and Outbound's answer."""
+        where, params = (which or DeadLetterFilter()).sql()
 
         def read(connection: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = connection.execute(
-                "SELECT id, message_id, reason, status, response, attempts, body"
-                " FROM dead_letters ORDER BY id"
+                "SELECT id, message_id, reason, status, response, attempts, failed_at, body"
+                f" FROM dead_letters WHERE {where} ORDER BY id LIMIT ?",
+                (*params, limit),
             ).fetchall()
-            keys = ("id", "message_id", "reason", "status", "response", "attempts")
             return [
-                {**dict(zip(keys, r[:6], strict=True)), "record": orjson.loads(r[6])} for r in rows
+                {**dict(zip(_LETTER_KEYS, r[:7], strict=True)), "record": orjson.loads(r[7])}
+                for r in rows
             ]
 
         letters: list[dict[str, Any]] = await self._submit(read)
         return letters
+
+    async def dead_letter_reasons(self) -> list[tuple[str, int]]:
+        """How many dead letters there are for each reason, most first."""
+        counts: list[tuple[str, int]] = await self._submit(
+            lambda c: c.execute(
+                "SELECT reason, COUNT(*) FROM dead_letters GROUP BY reason ORDER BY 2 DESC, 1"
+            ).fetchall()
+        )
+        return counts
+
+    async def replay_dead_letters(
+        self, which: DeadLetterFilter, *, chunk: int = 1000, progress: Progress | None = None
+    ) -> int:
+        """Put matching dead letters back in the queue, with their original message ids."""
+
+        def move(connection: sqlite3.Connection) -> int:
+            where, params = which.sql()
+            ids = [
+                row[0]
+                for row in connection.execute(
+                    f"SELECT id FROM dead_letters WHERE {where} ORDER BY id LIMIT ?",
+                    (*params, chunk),
+                )
+            ]
+            marks = ",".join("?" * len(ids))
+            sizes = connection.execute(
+                "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
+                f" SELECT user_key, message_id, received_at, 0, body FROM dead_letters"
+                f" WHERE id IN ({marks}) ORDER BY id RETURNING LENGTH(body)",
+                ids,
+            ).fetchall()
+            connection.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", ids)
+            self._counted(len(sizes), sum(size for (size,) in sizes))
+            return len(ids)
+
+        return await self._in_chunks(move, progress)
+
+    async def purge_dead_letters(
+        self, which: DeadLetterFilter, *, chunk: int = 1000, progress: Progress | None = None
+    ) -> int:
+        """Delete matching dead letters for good."""
+
+        def delete(connection: sqlite3.Connection) -> int:
+            where, params = which.sql()
+            return connection.execute(
+                "DELETE FROM dead_letters WHERE id IN"
+                f" (SELECT id FROM dead_letters WHERE {where} ORDER BY id LIMIT ?)",
+                (*params, chunk),
+            ).rowcount
+
+        return await self._in_chunks(delete, progress)
+
+    async def _in_chunks(
+        self, operation: Callable[[sqlite3.Connection], int], progress: Progress | None
+    ) -> int:
+        # One transaction a chunk, so that ingest keeps committing during a long replay.
+        done = 0
+        while moved := await self._submit(operation):
+            done += moved
+            if progress is not None:
+                progress(done)
+        return done

@@ -14,7 +14,7 @@ from typing import Literal
 
 from .config import Settings
 from .outbound import Answer, Outbound, calls_for, subject
-from .queue import Claimed, Queue
+from .queue import Claimed, Queue, QueueUnavailable
 
 log = logging.getLogger("collector.relay")
 
@@ -99,22 +99,22 @@ class Breaker:
         self.failures, self.reason = 0, None
         return was_open
 
-    def failed(self, reason: str, *, now: float) -> bool:
-        """A retryable failure; True when it opened the circuit."""
+    def failed(self, reason: str, *, now: float, wait: float = 0.0) -> bool:
+        """A retryable failure (`wait`: Outbound's Retry-After); True when it opened."""
         self.failures += 1
         if self.is_open:
             self.reason = reason
-            self.probe_at = max(self.probe_at, now + self.probe_interval)
+            self.probe_at = max(self.probe_at, now + max(self.probe_interval, wait))
             return False
         if self.failures < self.threshold:
             return False
-        return self.trip(reason, now=now)
+        return self.trip(reason, now=now, wait=wait)
 
-    def trip(self, reason: str, *, now: float) -> bool:
+    def trip(self, reason: str, *, now: float, wait: float = 0.0) -> bool:
         """Open at once (a rejected key); True when it was closed before."""
         was_open = self.is_open
         self.reason = reason
-        self.probe_at = now + self.probe_interval
+        self.probe_at = now + max(self.probe_interval, wait)
         return not was_open
 
 
@@ -180,8 +180,8 @@ class Relay:
             if free > 0:
                 try:
                     claimed = await self._queue.claim(free, now=now, lease=settings.lease_seconds)
-                except Exception:
-                    log.exception("relay could not claim events; trying again shortly")
+                except QueueUnavailable as error:
+                    log.error("relay cannot claim events (%s); trying again shortly", error)
             if breaker.is_open and claimed:
                 breaker.probing(now)
             for item in claimed:
@@ -190,8 +190,8 @@ class Relay:
                 task.add_done_callback(self._finished)
             if not claimed:
                 timeout = IDLE_POLL
-                if breaker.is_open:
-                    timeout = max(0.0, min(IDLE_POLL, breaker.probe_at - now))
+                if breaker.is_open and now < breaker.probe_at:
+                    timeout = min(IDLE_POLL, breaker.probe_at - now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -227,17 +227,37 @@ class Relay:
             window=settings.retry_window,
             jitter=self._jitter(),
         )
-        message_id = record["message_id"]
+        change = self._update_breaker(
+            decision, now, min(answer.retry_after or 0.0, MAX_RETRY_AFTER)
+        )
+        try:
+            await self._record_outcome(item, decision, answer, now)
+            if change is not None:
+                # Backoffs set before would hold the backlog back: when the circuit opens,
+                # the probes pace the attempts; when it closes, everything waiting is due.
+                await self._queue.reset_backoff(now)
+                self._wake.set()
+        except QueueUnavailable as error:
+            log.error(
+                "could not record the outcome for event %s (%s); it goes again after its lease",
+                record["message_id"],
+                error,
+            )
+
+    async def _record_outcome(
+        self, item: Claimed, decision: Decision, answer: Answer, now: float
+    ) -> None:
+        message_id = item.record["message_id"]
         if decision.action == "ack":
             await self._queue.ack(item.id)
         elif decision.action == "retry":
-            await self._queue.retry(
-                item.id, available_at=now + decision.delay, error=decision.reason
-            )
+            # While the circuit is open the probes pace the attempts, not each event's backoff.
+            delay = 0.0 if self.breaker.is_open else decision.delay
+            await self._queue.retry(item.id, available_at=now + delay, error=decision.reason)
             log.info(
                 "event %s to retry in %.1f s (attempt %d): %s",
                 message_id,
-                decision.delay,
+                delay,
                 item.attempts + 1,
                 decision.reason,
             )
@@ -252,16 +272,14 @@ class Relay:
             log.warning("event %s dead-lettered: %s", message_id, decision.reason)
         else:
             await self._queue.release(item.id)  # a rejected key is no fault of the event
-        await self._update_breaker(decision, now)
 
-    async def _update_breaker(self, decision: Decision, now: float) -> None:
+    def _update_breaker(self, decision: Decision, now: float, wait: float) -> str | None:
+        """Feed the outcome to the breaker; says "opened" or "closed" when that changed."""
         breaker, interval = self.breaker, self._settings.probe_interval
         if decision.action in {"ack", "dead"}:  # Outbound answered: it is up
             if breaker.succeeded():
-                # Backoffs set while Outbound was down would hold the backlog back.
-                await self._queue.reset_backoff(now)
                 log.warning("relay circuit CLOSED: Outbound answers again; sending the backlog")
-                self._wake.set()
+                return "closed"
         elif decision.action == "pause":
             if breaker.trip(decision.reason, now=now):
                 log.error(
@@ -270,7 +288,8 @@ class Relay:
                     decision.reason,
                     interval,
                 )
-        elif breaker.failed(decision.reason, now=now):
+                return "opened"
+        elif breaker.failed(decision.reason, now=now, wait=wait):
             log.error(
                 "relay circuit OPEN after %d failures in a row (%s): events stay queued; "
                 "probing every %g s",
@@ -278,6 +297,8 @@ class Relay:
                 decision.reason,
                 interval,
             )
+            return "opened"
+        return None
 
     def _remember(self, who: str) -> None:
         self._identified[who] = None

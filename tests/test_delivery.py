@@ -1,0 +1,317 @@
+"""Delivery through outages, a full queue and a full disk: acknowledged events are never lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import SEED_EVENT, Collector, StartCollector, eventually
+from fake_outbound import FakeOutbound, Fault
+
+USERS = ("ana", "ben", "cho")
+
+
+def batch_for_users(per_user: int = 4) -> list[dict[str, object]]:
+    return [{"event": f"{user}-{i}", "user_id": user} for i in range(per_user) for user in USERS]
+
+
+def delivered_in_order(fake: FakeOutbound, per_user: int = 4) -> bool:
+    for user in USERS:
+        mine = [r.body["event"] for r in fake.tracks() if r.body["user_id"] == user]
+        if mine != [f"{user}-{i}" for i in range(per_user)]:
+            return False
+    return True
+
+
+Outage = Callable[[FakeOutbound], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+async def answers_503(fake: FakeOutbound) -> Callable[[], Awaitable[None]]:
+    fake.always = Fault(503)
+
+    async def end() -> None:
+        fake.always = None
+
+    return end
+
+
+async def resets_connections(fake: FakeOutbound) -> Callable[[], Awaitable[None]]:
+    fake.always = Fault(drop=True)
+
+    async def end() -> None:
+        fake.always = None
+
+    return end
+
+
+async def hangs_past_the_timeout(fake: FakeOutbound) -> Callable[[], Awaitable[None]]:
+    fake.always = Fault(status=200, delay=3.0)
+
+    async def end() -> None:
+        fake.always = None
+
+    return end
+
+
+async def refuses_connections(fake: FakeOutbound) -> Callable[[], Awaitable[None]]:
+    port = fake.port
+    await fake.close()
+
+    async def end() -> None:
+        await fake.start(port)
+
+    return end
+
+
+async def rate_limits(fake: FakeOutbound) -> Callable[[], Awaitable[None]]:
+    fake.always = Fault(429, retry_after="1")
+
+    async def end() -> None:
+        fake.always = None
+
+    return end
+
+
+OUTAGES = [
+    answers_503,
+    resets_connections,
+    hangs_past_the_timeout,
+    refuses_connections,
+    rate_limits,
+]
+
+
+@pytest.fixture
+async def fragile(start_collector: StartCollector) -> Collector:
+    """A collector whose circuit opens quickly and whose backoffs are long."""
+    return await start_collector(
+        breaker_threshold=3,
+        probe_interval=0.3,
+        relay_timeout=0.5,
+        lease_seconds=5.0,
+        retry_base=5.0,  # long enough that only the breaker's reset explains a quick drain
+        retry_cap=120.0,
+    )
+
+
+@pytest.mark.parametrize("outage", OUTAGES, ids=[o.__name__ for o in OUTAGES])
+async def test_outage_waits_on_disk_backs_off_and_drains_in_order(
+    fragile: Collector, fake: FakeOutbound, outage: Outage
+) -> None:
+    collector = fragile
+    end_outage = await outage(fake)
+    status, answer, _ = await collector.post("/e", {"batch": batch_for_users()})
+    assert (status, answer["accepted"]) == (202, 12)
+
+    await eventually(lambda: collector.relay.breaker.is_open)
+    status, ready, _ = await collector.get("/readyz")
+    assert status == 503
+    assert any(p.startswith("relay circuit open") for p in ready["problems"])
+    # Ingest still takes events while Outbound is down.
+    status, _, _ = await collector.post("/e", {**SEED_EVENT, "user_id": "dan"})
+    assert status == 202
+
+    # Open, the relay probes once per interval instead of hammering Outbound or the queue.
+    attempts, commits = len(fake.attempts), collector.queue.commits
+    await asyncio.sleep(1.5)
+    assert len(fake.attempts) - attempts <= 7
+    assert collector.queue.commits - commits <= 25
+    assert (await collector.queue.stats()).depth == 13
+
+    await end_outage()
+    await fake.wait_for(4 + 13, timeout=8)  # an identify per user, then every track
+    assert delivered_in_order(fake)
+    await eventually(lambda: not collector.relay.breaker.is_open)
+    assert (await collector.queue.stats()).depth == 0
+    status, _, _ = await collector.get("/readyz")
+    assert status == 200
+
+
+async def test_rate_limit_is_honoured_between_probes(
+    fragile: Collector, fake: FakeOutbound
+) -> None:
+    fake.always = Fault(429, retry_after="1")
+    await fragile.post("/e", {"batch": batch_for_users()})
+    await eventually(lambda: fragile.relay.breaker.is_open)
+    opened = len(fake.attempts)
+    await eventually(lambda: len(fake.attempts) >= opened + 3, within=10)
+    times = [at for _, at, _ in fake.attempts[opened - 1 :]]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert min(gaps) >= 0.95, gaps  # Retry-After: 1, though probes could go every 0.3 s
+
+
+async def test_full_queue_answers_503_and_stores_nothing(
+    start_collector: StartCollector, fake: FakeOutbound
+) -> None:
+    fake.always = Fault(503)
+    collector = await start_collector(queue_max_events=5, breaker_threshold=1)
+    for i in range(5):
+        status, _, _ = await collector.post("/e", {**SEED_EVENT, "event": f"e{i}"})
+        assert status == 202
+    status, answer, response = await collector.post("/e", {"batch": [SEED_EVENT, SEED_EVENT]})
+    assert status == 503
+    assert answer == {"error": "the queue is full; nothing was stored, retry later"}
+    assert response.headers["Retry-After"] == "5"
+    assert (await collector.queue.stats()).depth == 5
+
+    fake.always = None
+    await eventually(lambda: len(fake.tracks()) == 5)
+    status, _, _ = await collector.post("/e", SEED_EVENT)
+    assert status == 202
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` at `path` (the test runs as root, as CI does)."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    assert os.geteuid() == 0, "the full-disk test mounts a small tmpfs and needs root"
+    with small_filesystem(tmp_path / "disk", "16m") as disk:
+        yield disk
+
+
+async def test_full_disk_answers_503_loses_nothing_and_recovers(
+    start_collector: StartCollector, fake: FakeOutbound, tiny_disk: Path
+) -> None:
+    filler = tiny_disk / "filler"
+    filler.write_bytes(b"\0" * 4 * 1024 * 1024)  # what the operator will clean up
+    fake.always = Fault(503)
+    collector = await start_collector(
+        data_dir=tiny_disk / "data", breaker_threshold=1, lease_seconds=5.0
+    )
+    acknowledged: list[str] = []
+    refused = None
+    for i in range(2000):
+        event = {
+            **SEED_EVENT,
+            "message_id": f"m{i}",
+            "properties": {"filler": "x" * 20_000},
+        }
+        status, answer, response = await collector.post("/e", event)
+        if status == 202:
+            acknowledged.append(f"m{i}")
+            continue
+        refused = (status, answer, response.headers.get("Retry-After"))
+        break
+    assert refused == (
+        503,
+        {"error": "events cannot be stored right now; nothing was stored, retry later"},
+        "5",
+    )
+    assert not collector.queue.healthy
+    assert acknowledged, "the disk was full before the first event"
+
+    # Space comes back (the operator cleans up): the collector recovers by itself.
+    filler.unlink()
+    fake.always = None
+    await fake.wait_for(1 + len(acknowledged), timeout=30)
+    status, _, _ = await collector.post("/e", {**SEED_EVENT, "message_id": "after"})
+    assert status == 202
+    await eventually(lambda: any(r.headers["X-Outbound-GUID"] == "after" for r in fake.tracks()))
+    delivered = {r.headers["X-Outbound-GUID"] for r in fake.tracks()}
+    assert set(acknowledged) <= delivered
+    with sqlite3.connect(collector.queue.path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def make_dead_letters(collector: Collector, fake: FakeOutbound) -> None:
+    fake.fail_next(Fault(400, body="bad event"), Fault(422, body="unprocessable"))
+    await collector.post("/e", {**SEED_EVENT, "event": "first", "message_id": "dl-1"})
+    await collector.post("/e", {**SEED_EVENT, "event": "second", "message_id": "dl-2"})
+    await collector.post("/e", {**SEED_EVENT, "event": "third", "message_id": "dl-3"})
+
+    async def three_dead() -> bool:
+        return (await collector.queue.stats()).dead_letters == 2
+
+    await eventually(three_dead)
+
+
+def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "collector", "dead-letters", "--data-dir", str(data_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+async def with_dead_letters(collector: Collector, fake: FakeOutbound) -> Path:
+    await make_dead_letters(collector, fake)
+    return collector.settings.data_dir
+
+
+async def test_dead_letters_list_and_show(with_dead_letters: Path) -> None:
+    listed = cli(with_dead_letters, "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert "first" in lines[1]
+    assert "400" in lines[1]
+    assert "second" in lines[2]
+    assert "2 dead letters in all:" in listed.stdout
+    assert "       1  Outbound answered 400" in listed.stdout
+    assert "       1  Outbound answered 422" in listed.stdout
+
+    only = cli(with_dead_letters, "list", "--status", "422")
+    assert "second" in only.stdout
+    assert "first" not in only.stdout
+
+    shown = cli(with_dead_letters, "show", "1")
+    assert shown.returncode == 0
+    assert '"response": "bad event"' in shown.stdout
+    assert '"message_id": "dl-1"' in shown.stdout
+    assert cli(with_dead_letters, "show", "99").returncode == 2
+
+
+async def test_dead_letters_replay_keeps_original_ids(
+    collector: Collector, fake: FakeOutbound, with_dead_letters: Path
+) -> None:
+    refused = cli(with_dead_letters, "replay")
+    assert refused.returncode == 2
+    assert "--all" in refused.stderr
+
+    replayed = cli(with_dead_letters, "replay", "--event", "first")
+    assert replayed.returncode == 0
+    assert "replayed 1 dead letters" in replayed.stdout
+    collector.relay.wake()
+    await eventually(lambda: any(r.headers["X-Outbound-GUID"] == "dl-1" for r in fake.tracks()))
+    assert (await collector.queue.stats()).dead_letters == 1
+
+    purged = cli(with_dead_letters, "purge", "--reason", "422")
+    assert "purged 1 dead letters" in purged.stdout
+    assert (await collector.queue.stats()).dead_letters == 0
+    assert "0 dead letters in all" in cli(with_dead_letters, "list").stdout
+
+
+async def test_event_past_its_retry_window_is_dead_lettered(
+    start_collector: StartCollector, fake: FakeOutbound
+) -> None:
+    fake.always = Fault(503, body="down")
+    collector = await start_collector(retry_window=0.5, breaker_threshold=1000)
+    await collector.post("/e", SEED_EVENT)
+
+    async def dead() -> bool:
+        return (await collector.queue.stats()).dead_letters == 1
+
+    await eventually(dead)
+    [letter] = await collector.queue.dead_letters()
+    assert letter["reason"].startswith("still failing after")
+    assert letter["reason"].endswith("Outbound answered 503")
+    assert letter["response"] == "down"
