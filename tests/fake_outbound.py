@@ -43,6 +43,7 @@ class FakeOutbound:
     attempts: list[tuple[str, float, int]] = field(default_factory=list)
     faults: deque[Fault] = field(default_factory=deque)
     always: Fault | None = None
+    latency: float = 0.0  # seconds before every answer, faults or not
     _server: TestServer | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -98,6 +99,8 @@ class FakeOutbound:
         status = fault.status if fault else 200
         self.attempts.append((endpoint, time.time(), status))
         self._changed.set()
+        if self.latency:
+            await asyncio.sleep(self.latency)
         if request.headers.get("X-Outbound-Key") != self.key:
             return web.Response(status=401, text="invalid api key")
         if fault is not None:

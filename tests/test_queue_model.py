@@ -1,0 +1,180 @@
+"""The SQLite queue against a simple model: random put, claim, ack, retry, dead-letter,
+lease expiry and reopen-after-crash sequences (hypothesis' stateful testing)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    rule,
+)
+
+from collector.queue import Claimed, SQLiteQueue
+
+LEASE = 30.0
+
+
+@dataclass
+class ModelEvent:
+    message_id: str
+    user: str
+    available_at: float = 0.0
+    lease_until: float = 0.0
+    attempts: int = 0
+
+
+@dataclass
+class Model:
+    """What the queue should hold: events in arrival order, dead letters, the clock."""
+
+    events: list[ModelEvent] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)
+    now: float = 1_000_000.0
+
+    def claimable(self, limit: int) -> list[str]:
+        heads: dict[str, ModelEvent] = {}
+        for event in self.events:
+            heads.setdefault(event.user, event)
+        due = [
+            e
+            for e in self.events
+            if heads[e.user] is e and e.available_at <= self.now and e.lease_until <= self.now
+        ]
+        return [e.message_id for e in due[:limit]]
+
+    def find(self, message_id: str) -> ModelEvent:
+        return next(e for e in self.events if e.message_id == message_id)
+
+
+class QueueMachine(RuleBasedStateMachine):
+    claimed = Bundle("claimed")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.directory = tempfile.TemporaryDirectory()
+        self.path = Path(self.directory.name) / "queue.sqlite3"
+        self.queue = self._open()
+        self.model = Model()
+        self.serial = 0
+        self.held: dict[str, Claimed] = {}  # claims the model says are still valid
+
+    def _open(self) -> SQLiteQueue:
+        queue = SQLiteQueue(self.path, dedupe_window=0)
+        self.loop.run_until_complete(queue.open())
+        return queue
+
+    def run(self, awaitable: object) -> object:
+        return self.loop.run_until_complete(awaitable)  # type: ignore[arg-type]
+
+    @rule(users=st.lists(st.sampled_from("abc"), min_size=1, max_size=4))
+    def put(self, users: list[str]) -> None:
+        records = []
+        for user in users:
+            self.serial += 1
+            message_id = f"{user}-{self.serial}"
+            records.append({"message_id": message_id, "user_id": user, "received_at": 0.0})
+            self.model.events.append(ModelEvent(message_id, user))
+        self.run(self.queue.put(records))
+
+    @rule(target=claimed, limit=st.integers(1, 5))
+    def claim(self, limit: int) -> object:
+        expected = self.model.claimable(limit)
+        got = self.run(self.queue.claim(limit, now=self.model.now, lease=LEASE))
+        assert isinstance(got, list)
+        assert [c.record["message_id"] for c in got] == expected
+        for item in got:
+            model_event = self.model.find(item.record["message_id"])
+            assert item.attempts == model_event.attempts
+            model_event.lease_until = self.model.now + LEASE
+            self.held[item.record["message_id"]] = item
+        return multiple(*expected)
+
+    def _valid(self, message_id: str) -> Claimed | None:
+        """A claim still ours: not expired, not taken again, not finished."""
+        item = self.held.get(message_id)
+        if item is None:
+            return None
+        event = next((e for e in self.model.events if e.message_id == message_id), None)
+        if event is None or event.lease_until <= self.model.now:
+            return None
+        return item
+
+    @rule(message_id=consumes(claimed))
+    def ack(self, message_id: str) -> None:
+        item = self._valid(message_id)
+        if item is None:
+            return
+        self.run(self.queue.ack(item.id))
+        self.model.events.remove(self.model.find(message_id))
+        del self.held[message_id]
+
+    @rule(message_id=consumes(claimed), delay=st.floats(0, 100))
+    def retry(self, message_id: str, delay: float) -> None:
+        item = self._valid(message_id)
+        if item is None:
+            return
+        self.run(self.queue.retry(item.id, available_at=self.model.now + delay, error="503"))
+        event = self.model.find(message_id)
+        event.available_at, event.lease_until = self.model.now + delay, 0.0
+        event.attempts += 1
+        del self.held[message_id]
+
+    @rule(message_id=consumes(claimed))
+    def dead_letter(self, message_id: str) -> None:
+        item = self._valid(message_id)
+        if item is None:
+            return
+        self.run(
+            self.queue.dead_letter(
+                item.id, reason="Outbound answered 400", status=400, response="", now=self.model.now
+            )
+        )
+        self.model.events.remove(self.model.find(message_id))
+        self.model.dead.append(message_id)
+        del self.held[message_id]
+
+    @rule(seconds=st.sampled_from([1.0, 29.0, 31.0, 120.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.model.now += seconds  # leases expire, backoffs run out
+
+    @rule()
+    def reopen_after_crash(self) -> None:
+        self.run(self.queue.close())
+        self.queue = self._open()
+        for event in self.model.events:
+            event.lease_until = 0.0  # a new owner voids the dead process's leases
+        self.held.clear()
+
+    @invariant()
+    def counts_agree(self) -> None:
+        stats = self.run(self.queue.stats())
+        assert stats.depth == len(self.model.events)  # type: ignore[attr-defined]
+        assert stats.dead_letters == len(self.model.dead)  # type: ignore[attr-defined]
+        assert self.queue.depth == len(self.model.events)
+
+    def teardown(self) -> None:
+        letters = self.run(self.queue.dead_letters())
+        assert [d["message_id"] for d in letters] == self.model.dead  # type: ignore[attr-defined]
+        self.run(self.queue.close())
+        self.loop.close()
+        self.directory.cleanup()
+
+
+QueueMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("QUEUE_MODEL_EXAMPLES", "60")),
+    stateful_step_count=30,
+    deadline=None,
+)
+TestQueueModel = QueueMachine.TestCase
