@@ -126,7 +126,10 @@ async def site(settings: Settings, fake: FakeOutbound) -> AsyncIterator[Site]:
     app.router.add_get("/app/{page}", home)
     app.router.add_route("*", "/thanks", thanks)
     await pages.start_server()
-    collector.settings = dataclasses.replace(settings, allowed_origins=(site.origin,))
+    # Headless Chromium says so in its user agent; these tests are the wanted automation.
+    collector.settings = dataclasses.replace(
+        settings, allowed_origins=(site.origin,), bot_user_agents=None
+    )
     await collector.start()
     yield site
     await collector.stop()

@@ -81,6 +81,7 @@ async def interrupt_under_load(
     port, data_dir = free_port(), tmp_path / "data"
     env = {"OUTBOUND_API_KEY": KEY, "COLLECTOR_OUTBOUND_URL": fake.url}
     args = ["--port", str(port), "--data-dir", str(data_dir), "--retry-base", "0.1"]
+    args += ["--rate-limit-per-ip", "0", "--rate-limit-per-user", "0"]  # one client, heavy load
     fake.latency = 0.02  # calls in flight when the signal comes: the resend window
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -201,7 +201,7 @@ async def test_full_disk_answers_503_loses_nothing_and_recovers(
         event = {
             **SEED_EVENT,
             "message_id": f"m{i}",
-            "properties": {"filler": "x" * 20_000},
+            "properties": {f"part{n}": "x" * 5_000 for n in range(4)},
         }
         status, answer, response = await collector.post("/e", event)
         if status == 202:

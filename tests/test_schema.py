@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from conftest import SEED_EVENT
 
-from collector.schema import EventValidator, Problem, SchemaDirError, load_event_schemas, pointer
+from collector.schema import (
+    EventValidator,
+    Problem,
+    SchemaDirError,
+    Shape,
+    load_event_schemas,
+    pointer,
+)
 
 RENEW_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -35,7 +42,7 @@ def schemas_dir(tmp_path: Path) -> Path:
 
 
 def test_seed_example_is_valid_without_schemas() -> None:
-    assert EventValidator({}, 10).problems(SEED_EVENT) == []
+    assert EventValidator({}).problems(SEED_EVENT) == []
 
 
 def test_event_schemas_are_named_by_file_or_x_event(schemas_dir: Path) -> None:
@@ -44,7 +51,7 @@ def test_event_schemas_are_named_by_file_or_x_event(schemas_dir: Path) -> None:
 
 
 def test_properties_checked_against_the_events_schema(schemas_dir: Path) -> None:
-    validator = EventValidator(load_event_schemas(schemas_dir), 10)
+    validator = EventValidator(load_event_schemas(schemas_dir))
     good = {**SEED_EVENT, "properties": {"total": "45.00", "membership": {"valid": True}}}
     assert validator.problems(good) == []
     bad = {**SEED_EVENT, "properties": {"total": 45, "membership": {}}}
@@ -62,7 +69,7 @@ def test_properties_checked_against_the_events_schema(schemas_dir: Path) -> None
 
 
 def test_pattern_errors_keep_jsonschemas_sentence(schemas_dir: Path) -> None:
-    validator = EventValidator(load_event_schemas(schemas_dir), 10)
+    validator = EventValidator(load_event_schemas(schemas_dir))
     [problem] = validator.problems({**SEED_EVENT, "properties": {"total": "45"}})
     assert problem.path == "/properties/total"
     assert "does not match" in problem.message
@@ -134,16 +141,19 @@ def test_pointer(parts: tuple[str | int, ...], expected: str) -> None:
     ],
 )
 def test_envelope_cases(event: dict[str, object], expected: list[Problem]) -> None:
-    assert EventValidator({}, 10).problems(event) == expected
+    assert EventValidator({}).problems(event) == expected
 
 
 def test_depth_limit_applies_to_traits_too() -> None:
     deep: dict[str, object] = {"x": 1}
     for _ in range(3):
         deep = {"k": deep}
-    validator = EventValidator({}, 3)
+    validator = EventValidator({}, Shape(depth=3))
     [problem] = validator.problems({"type": "identify", "user_id": "u", "traits": deep})
     assert problem == Problem("/traits/k/k/k", "is nested deeper than 3 levels")
     assert (
-        EventValidator({}, 4).problems({"type": "identify", "user_id": "u", "traits": deep}) == []
+        EventValidator({}, Shape(depth=4)).problems(
+            {"type": "identify", "user_id": "u", "traits": deep}
+        )
+        == []
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -12,11 +13,12 @@ from aiohttp import web
 
 from . import ingest
 from .config import Settings
-from .keys import QUEUE, RELAY, SCRIPT, SETTINGS, VALIDATOR
+from .keys import COUNTS, IP_LIMITER, QUEUE, RELAY, SCRIPT, SETTINGS, USER_LIMITER, VALIDATOR
+from .limits import RateLimiter
 from .outbound import DryRunOutbound, HttpOutbound, Outbound
 from .queue import SQLiteQueue
 from .relay import Relay
-from .schema import EventValidator, load_event_schemas
+from .schema import EventValidator, Shape, load_event_schemas
 from .script import Script
 
 log = logging.getLogger("collector.app")
@@ -110,9 +112,13 @@ def create_app(settings: Settings) -> web.Application:
     """The whole collector for these settings; resources open and close with the app."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app[VALIDATOR] = EventValidator(
-        load_event_schemas(settings.schemas_dir), settings.max_property_depth
+    shape = Shape(
+        settings.max_property_depth, settings.max_property_keys, settings.max_string_length
     )
+    app[VALIDATOR] = EventValidator(load_event_schemas(settings.schemas_dir), shape)
+    app[IP_LIMITER] = RateLimiter(settings.rate_limit_per_ip, settings.rate_burst_per_ip)
+    app[USER_LIMITER] = RateLimiter(settings.rate_limit_per_user, settings.rate_burst_per_user)
+    app[COUNTS] = Counter()
     app[SCRIPT] = Script.packaged(settings.event_path)
     app.cleanup_ctx.append(queue_context)
     app.cleanup_ctx.append(relay_context)

@@ -19,6 +19,7 @@ from aiohttp import web
 from . import __version__
 from .app import QUEUE_FILE, create_app
 from .config import Settings, SettingsError, env_name, load_settings, settings_fields
+from .identity import user_hash
 from .queue import DeadLetterFilter, SQLiteQueue
 from .schema import SchemaDirError
 from .script import Script, snippet
@@ -31,11 +32,11 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, help="TOML file of settings (keys as below, in snake_case)"
     )
+    defaults = Settings().redacted()
     for item in settings_fields():
         if not item.metadata["flag"]:
             continue
-        default = item.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = defaults[item.name]
         parser.add_argument(
             f"--{item.name.replace('_', '-')}",
             dest=item.name,
@@ -71,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_setting_flags(tag)
     _add_dead_letters(commands)
+    sign = commands.add_parser(
+        "sign",
+        help="print the user_hash of a user id, as a site's back-end computes it",
+        description="Print hex(HMAC-SHA256(identity secret, USER_ID)), with the secret from "
+        "COLLECTOR_IDENTITY_SECRET or the --config file.",
+    )
+    sign.add_argument("user_id", metavar="USER_ID")
+    sign.add_argument("--config", type=Path, help="TOML file of settings")
     return parser
 
 
@@ -139,7 +148,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(app: web.Application, settings: Settings) -> None:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=settings.keepalive_timeout
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
@@ -253,6 +264,17 @@ def _print_dead_letters(letters: list[dict[str, Any]], reasons: list[tuple[str, 
         print(f"{count:>8}  {reason}")
 
 
+def sign(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(config_file=args.config)
+    except SettingsError as error:
+        return _fail(str(error))
+    if settings.identity_secret is None:
+        return _fail("identity_secret: not set (COLLECTOR_IDENTITY_SECRET or --config)")
+    print(user_hash(settings.identity_secret, args.user_id))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -261,4 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return script_tag(args)
     if args.command == "dead-letters":
         return dead_letters(args)
+    if args.command == "sign":
+        return sign(args)
     return _fail(f"unknown command {args.command!r}")  # argparse already refuses these

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -176,6 +177,28 @@ def _secret(raw: object) -> Secret | None:
     return Secret(value) if value else None
 
 
+def _secrets(raw: object) -> tuple[Secret, ...]:
+    values = _items(raw)
+    if any(len(value) < 16 for value in values):
+        raise ValueError("each token must be at least 16 characters long")
+    return tuple(Secret(value) for value in values)
+
+
+def _rate(raw: object) -> float:
+    """Events per second; 0 turns the limit off."""
+    return _number_of_seconds(raw, zero=True)
+
+
+def _pattern(raw: object) -> re.Pattern[str] | None:
+    text = _text(raw)
+    if not text:
+        return None
+    try:
+        return re.compile(text, re.IGNORECASE)
+    except re.error as error:
+        raise ValueError(f"is not a valid regular expression: {error}") from None
+
+
 def _directory(raw: object) -> Path:
     return Path(_nonempty(raw)).expanduser()
 
@@ -228,10 +251,33 @@ class Settings:
         "Comma-separated browser origins allowed by CORS, like https://www.example.com; "
         "'*' allows any.",
     )
+    identity_secret: Secret | None = setting(
+        None,
+        _secret,
+        "HMAC key of user hashes: with it, a user_id from a browser needs its user_hash.",
+        flag=False,
+    )
+    unverified_users: str = setting(
+        "anonymize",
+        _choice("anonymize", "reject"),
+        "What happens to a browser event whose user_id lacks a valid user_hash: anonymize "
+        "keeps it under its anonymous id, reject refuses it.",
+    )
+    server_tokens: tuple[Secret, ...] = setting(
+        (),
+        _secrets,
+        "Comma-separated bearer tokens of trusted back-ends, which may send any user_id.",
+        flag=False,
+    )
     schemas_dir: Path | None = setting(
         None,
         _readable_directory,
         "Directory of per-event JSON Schemas for properties (one *.json file per event).",
+    )
+    unknown_events: str = setting(
+        "accept",
+        _choice("accept", "reject"),
+        "With a schemas_dir: accept or reject events that have no schema there.",
     )
     script_path: str = setting("/s.js", _url_path, "URL path of the browser script.")
     event_path: str = setting("/e", _url_path, "URL path that takes events from browsers.")
@@ -244,6 +290,48 @@ class Settings:
     max_batch_events: int = setting(100, _integer(1), "Most events in one batch (413 above).")
     max_property_depth: int = setting(
         10, _integer(1, 64), "Deepest nesting of objects and arrays inside properties and traits."
+    )
+    max_property_keys: int = setting(
+        1000, _integer(1), "Most keys and array items, at every depth, in properties or traits."
+    )
+    max_string_length: int = setting(
+        8192, _integer(16), "Longest string value inside properties or traits."
+    )
+    max_gzip_ratio: int = setting(
+        100, _integer(1), "Most a compressed body may grow when decompressed (413 above)."
+    )
+    body_timeout: float = setting(
+        10.0, _seconds, "Seconds a request body may take to arrive (408 after)."
+    )
+    keepalive_timeout: float = setting(
+        75.0, _seconds, "Seconds an idle keep-alive connection stays open."
+    )
+    rate_limit_per_ip: float = setting(
+        100.0, _rate, "Events per second from one client IP, on average; 0: no limit."
+    )
+    rate_burst_per_ip: int = setting(
+        1000, _integer(1), "Events one client IP may send at once before its rate applies."
+    )
+    rate_limit_per_user: float = setting(
+        10.0, _rate, "Events per second for one user or anonymous id, on average; 0: no limit."
+    )
+    rate_burst_per_user: int = setting(
+        100, _integer(1), "Events one user may send at once before the rate applies."
+    )
+    bot_user_agents: re.Pattern[str] | None = setting(
+        re.compile(
+            r"bot\b|crawl|spider|slurp|headlesschrome|phantomjs|lighthouse|facebookexternalhit",
+            re.IGNORECASE,
+        ),
+        _pattern,
+        "Regular expression (case-insensitive) of user agents whose events are dropped; "
+        "empty: none.",
+    )
+    forward_ip: str = setting(
+        "off",
+        _choice("off", "truncated", "full"),
+        "Whether the client IP goes to Outbound in the context property: off, truncated "
+        "(IPv4 /24, IPv6 /48; also how it is stored), or full.",
     )
     trusted_proxies: tuple[IPNetwork, ...] = setting(
         (),
@@ -307,8 +395,12 @@ class Settings:
         shown: dict[str, str] = {}
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
-            if isinstance(value, Secret):
+            if isinstance(value, Secret) or (
+                isinstance(value, tuple) and value and isinstance(value[0], Secret)
+            ):
                 shown[item.name] = "******** (set)"
+            elif isinstance(value, re.Pattern):
+                shown[item.name] = value.pattern
             elif value is None:
                 shown[item.name] = "(unset)"
             elif isinstance(value, tuple):

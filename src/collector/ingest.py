@@ -1,13 +1,16 @@
-"""Ingest: read a request's body within its limits, decode it, and answer for each event."""
+"""Ingest: who is sending, the body within its limits, decoded, and an answer for each event."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -16,7 +19,9 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .config import Settings
 from .enrich import Record, Sender, client_ip, enrich, from_outbound_identify, from_outbound_track
-from .keys import QUEUE, RELAY, SETTINGS, VALIDATOR
+from .identity import bearer_token, is_bot, token_matches, truncated_ip, verify_user
+from .keys import COUNTS, IP_LIMITER, QUEUE, RELAY, SETTINGS, USER_LIMITER, VALIDATOR
+from .limits import retry_after
 from .queue import QueueFull, QueueUnavailable
 from .schema import Kind, Problem
 
@@ -50,8 +55,8 @@ def error_response(
     return json_response({"error": message}, status, headers)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The body, decompressed by aiohttp when gzip-encoded, never more than `limit` bytes."""
+async def read_body(request: web.Request, settings: Settings) -> bytes:
+    """The body, decompressed by aiohttp when encoded, within the size, ratio and time limits."""
     declared = request.headers.get("Content-Type")
     if declared is not None and not (
         request.content_type in JSON_TYPES or request.content_type.endswith("+json")
@@ -61,16 +66,33 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             f"Content-Type {request.content_type!r} is not accepted; "
             "send JSON as text/plain or application/json",
         )
-    if request.content_length is not None and request.content_length > limit:
+    limit = settings.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
         raise RequestError(413, f"the body is over the limit of {limit} bytes")
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding and encoding != "identity" and length is not None:
+        limit = min(limit, length * settings.max_gzip_ratio)
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            return await _read_within(request, limit, encoding)
+    except TimeoutError:
+        request.content.feed_eof()
+        raise RequestError(
+            408, f"the body took longer than {settings.body_timeout:g} s to arrive", close=True
+        ) from None
+
+
+async def _read_within(request: web.Request, limit: int, encoding: str) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
         async for chunk in request.content.iter_any():
             size += len(chunk)
             if size > limit:
-                raise RequestError(413, f"the body is over the limit of {limit} bytes")
+                raise RequestError(
+                    413, f"the body is over the limit of {limit} bytes once decoded", close=True
+                )
             chunks.append(chunk)
     except (RequestPayloadError, ContentEncodingError, zlib.error):
         # The stream is broken past repair: end it here so that aiohttp does not try to
@@ -112,20 +134,57 @@ def split_batch(document: object, max_events: int) -> tuple[list[object], float 
     return events, sent_at
 
 
-def sender_of(request: web.Request, settings: Settings) -> Sender:
+def request_origin(origin: str | None, referer: str | None) -> str | None:
+    """The origin a browser request comes from: its Origin header, else its Referer's."""
+    if origin is not None:
+        return origin.strip()
+    if referer:
+        parts = urlsplit(referer.strip())
+        return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else "null"
+    return None
+
+
+def origin_allowed(origin: str, allowed: tuple[str, ...], own_host: str | None) -> bool:
+    """Whether a browser on `origin` may send: listed, '*', or this collector's own origin."""
+    if "*" in allowed or origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    return bool(own_host) and parts.scheme in {"http", "https"} and parts.netloc == own_host
+
+
+def is_server(request: web.Request, settings: Settings) -> bool:
+    """Whether a trusted back-end sent this (a valid server token); refuses what may not send.
+
+    A wrong token is refused outright rather than treated as a browser, so that a back-end
+    with a stale token learns of it. Without a token, a browser's origin must be allowed.
+    """
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is not None:
+        if settings.server_tokens and token_matches(settings.server_tokens, token):
+            return True
+        raise RequestError(401, "the server token is not valid")
+    origin = request_origin(request.headers.get("Origin"), request.headers.get("Referer"))
+    if origin is not None and not origin_allowed(origin, settings.allowed_origins, request.host):
+        raise RequestError(403, f"the origin {origin[:100]!r} is not allowed to send events")
+    return False
+
+
+def sender_of(request: web.Request, settings: Settings, ip: str | None) -> Sender:
+    """What the server knows of the sender; the IP as stored (truncated unless configured)."""
     return Sender(
-        ip=client_ip(
-            request.remote, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
-        ),
+        ip=ip if settings.forward_ip == "full" else truncated_ip(ip),
         user_agent=request.headers.get("User-Agent"),
         origin=request.headers.get("Origin"),
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdicts:
-    records: list[Record]
-    rejected: list[dict[str, Any]]
+    """What became of each event of a request."""
+
+    records: list[Record] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    anonymized: list[dict[str, Any]] = field(default_factory=list)
 
 
 def judge(
@@ -134,21 +193,35 @@ def judge(
     kind: Kind,
     convert: Callable[[dict[str, Any]], dict[str, Any]],
     batch_sent_at: float | None,
+    *,
+    server: bool,
+    sender: Sender,
 ) -> Verdicts:
-    """Validate and enrich each event; the valid become records, the others say why."""
+    """Validate, check the sender's rights, and enrich each event; the rest say why not."""
     settings, validator = request.app[SETTINGS], request.app[VALIDATOR]
-    sender, received_at = sender_of(request, settings), time.time()
-    records: list[Record] = []
-    rejected: list[dict[str, Any]] = []
+    received_at = time.time()
+    verdicts = Verdicts()
     for index, event in enumerate(events):
         problems = _size_problem(event, settings) or validator.problems(event, kind)
         if not problems and isinstance(event, dict):
-            problems = _reserved_problem(event, settings)
+            problems = _reserved_problem(event, settings) or validator.registry_problems(
+                event, server=server, unknown=settings.unknown_events
+            )
+        if not problems and isinstance(event, dict) and not server and settings.identity_secret:
+            verdict, problems = verify_user(
+                event, settings.identity_secret, on_failure=settings.unverified_users
+            )
+            if verdict == "anonymized":
+                verdicts.anonymized.append(
+                    {"index": index, "errors": [p.as_json() for p in problems]}
+                )
+                event = {k: v for k, v in event.items() if k not in {"user_id", "user_hash"}}
+                problems = []
         if problems:
-            rejected.append({"index": index, "errors": [p.as_json() for p in problems]})
+            verdicts.rejected.append({"index": index, "errors": [p.as_json() for p in problems]})
             continue
         assert isinstance(event, dict)
-        records.append(
+        verdicts.records.append(
             enrich(
                 convert(event),
                 sender,
@@ -157,7 +230,23 @@ def judge(
                 tolerance=settings.clock_skew_tolerance,
             )
         )
-    return Verdicts(records, rejected)
+    return verdicts
+
+
+def rate_limit_wait(request: web.Request, records: list[Record], ip: str | None) -> float:
+    """Seconds this request must wait under the per-IP and per-user limits; 0: it may pass.
+
+    All or nothing: a request over any limit takes no tokens, so its retry is not charged twice.
+    """
+    now = time.monotonic()
+    per_ip = {ip or "unknown": float(len(records))}
+    per_user = Counter(str(r.get("user_id") or r.get("anonymous_id")) for r in records)
+    ip_limiter, user_limiter = request.app[IP_LIMITER], request.app[USER_LIMITER]
+    wait = max(ip_limiter.wait(per_ip, now), user_limiter.wait(per_user, now))
+    if not wait:
+        ip_limiter.take(per_ip, now)
+        user_limiter.take(per_user, now)
+    return wait
 
 
 def _size_problem(event: object, settings: Settings) -> list[Problem]:
@@ -202,6 +291,8 @@ async def store(request: web.Request, verdicts: Verdicts) -> web.Response:
         request.app[RELAY].wake()
     status = 202 if verdicts.records else 400
     answer: dict[str, Any] = {"accepted": len(verdicts.records), "rejected": verdicts.rejected}
+    if verdicts.anonymized:
+        answer["anonymized"] = verdicts.anonymized  # accepted without their user_id
     if duplicates:
         answer["duplicates"] = duplicates  # accepted, already stored earlier under their ids
     return json_response(answer, status)
@@ -212,19 +303,36 @@ async def _handle(
     kind: Kind,
     convert: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> web.Response:
-    settings = request.app[SETTINGS]
+    settings, counts = request.app[SETTINGS], request.app[COUNTS]
     try:
-        document = decode(await read_body(request, settings.max_body_bytes))
+        server = is_server(request, settings)
+        document = decode(await read_body(request, settings))
         if kind == "event":
             events, sent_at = split_batch(document, settings.max_batch_events)
         else:
             events, sent_at = [document], None
     except RequestError as error:
+        counts[f"refused_{error.status}"] += 1
         response = error_response(error.status, error.message)
         if error.close:
             response.force_close()
         return response
-    return await store(request, judge(request, events, kind, convert, sent_at))
+    if not server and is_bot(request.headers.get("User-Agent"), settings.bot_user_agents):
+        counts["bot_events_dropped"] += len(events)
+        return json_response({"accepted": 0, "rejected": [], "dropped": len(events)}, 202)
+    ip = client_ip(
+        request.remote, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
+    )
+    sender = sender_of(request, settings, ip)
+    verdicts = judge(request, events, kind, convert, sent_at, server=server, sender=sender)
+    if not server:
+        wait = rate_limit_wait(request, verdicts.records, ip)
+        if wait:
+            counts["rate_limited_requests"] += 1
+            return error_response(
+                429, "too many events; retry later", {"Retry-After": retry_after(wait)}
+            )
+    return await store(request, verdicts)
 
 
 async def post_event(request: web.Request) -> web.Response:

@@ -64,8 +64,11 @@ def subject(record: Record) -> str:
     return str(record.get("user_id") or record["anonymous_id"])
 
 
-def server_context(record: Record) -> dict[str, Any]:
-    """What the server knows of an event that a campaign may use, empty parts left out."""
+def server_context(record: Record, *, with_ip: bool = False) -> dict[str, Any]:
+    """What the server knows of an event that a campaign may use, empty parts left out.
+
+    The IP only when the operator forwards it (as stored: truncated unless set to full).
+    """
     client = record.get("context", {})
     page = {key: client[key] for key in PAGE_FIELDS if _present(client.get(key))}
     context = {
@@ -73,6 +76,7 @@ def server_context(record: Record) -> dict[str, Any]:
         "locale": client.get("locale"),
         "user_agent": record.get("user_agent"),
         "received_at": int(record["received_at"]),
+        "ip": record.get("ip") if with_ip else None,
     }
     return {key: value for key, value in context.items() if _present(value)}
 
@@ -93,7 +97,9 @@ def identify_body(record: Record) -> dict[str, Any]:
     return body
 
 
-def track_body(record: Record, *, page_event_name: str, context_property: str) -> dict[str, Any]:
+def track_body(
+    record: Record, *, page_event_name: str, context_property: str, forward_ip: bool = False
+) -> dict[str, Any]:
     properties = dict(record.get("properties", {}))
     if record["type"] == "page":
         name = page_event_name
@@ -103,7 +109,7 @@ def track_body(record: Record, *, page_event_name: str, context_property: str) -
     else:
         name = record["event"]
     if context_property:
-        properties[context_property] = server_context(record)
+        properties[context_property] = server_context(record, with_ip=forward_ip)
     body: dict[str, Any] = {
         "user_id": subject(record),
         "event": name,
@@ -115,13 +121,23 @@ def track_body(record: Record, *, page_event_name: str, context_property: str) -
 
 
 def calls_for(
-    record: Record, *, identified: bool, page_event_name: str, context_property: str
+    record: Record,
+    *,
+    identified: bool,
+    page_event_name: str,
+    context_property: str,
+    forward_ip: bool = False,
 ) -> list[Call]:
     """The calls one record becomes, in order: Outbound wants an identify before a first track."""
     message_id = record["message_id"]
     if record["type"] == "identify":
         return [Call("/v2/identify", identify_body(record), message_id, "identify")]
-    track = track_body(record, page_event_name=page_event_name, context_property=context_property)
+    track = track_body(
+        record,
+        page_event_name=page_event_name,
+        context_property=context_property,
+        forward_ip=forward_ip,
+    )
     calls = [Call("/v2/track", track, message_id, track["event"])]
     if not identified:
         guid = str(uuid.uuid5(_GUID_NAMESPACE, f"{message_id}/identify"))

@@ -209,6 +209,7 @@ class Relay:
             identified=who in self._identified,
             page_event_name=settings.page_event_name,
             context_property=settings.context_property,
+            forward_ip=settings.forward_ip != "off",
         )
         answer = Answer(None, "no call made")
         for call in calls:

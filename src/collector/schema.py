@@ -118,11 +118,25 @@ def _deduplicated(problems: list[Problem]) -> list[Problem]:
     return list(dict.fromkeys(problems))
 
 
-def too_deep(value: object, limit: int, path: tuple[str | int, ...]) -> Problem | None:
-    """The first place where objects and arrays nest deeper than `limit` levels below `path`."""
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """Limits on what a client may nest inside properties and traits."""
+
+    depth: int = 10
+    keys: int = 1000
+    string: int = 8192
+
+
+def shape_problem(value: object, shape: Shape, path: tuple[str | int, ...]) -> Problem | None:
+    """The first place where `value` nests too deep, holds too many keys or too long a string."""
     stack: list[tuple[object, tuple[str | int, ...], int]] = [(value, path, 0)]
+    keys = 0
     while stack:
         current, where, depth = stack.pop()
+        if isinstance(current, str):
+            if len(current) > shape.string:
+                return Problem(pointer(where), f"is longer than {shape.string} characters")
+            continue
         children: list[tuple[str | int, object]]
         if isinstance(current, dict):
             children = list(current.items())
@@ -130,8 +144,11 @@ def too_deep(value: object, limit: int, path: tuple[str | int, ...]) -> Problem 
             children = list(enumerate(current))
         else:
             continue
-        if depth >= limit:
-            return Problem(pointer(where), f"is nested deeper than {limit} levels")
+        if depth >= shape.depth:
+            return Problem(pointer(where), f"is nested deeper than {shape.depth} levels")
+        keys += len(children)
+        if keys > shape.keys:
+            return Problem(pointer(path), f"holds more than {shape.keys} keys and items in all")
         stack.extend((child, (*where, key), depth + 1) for key, child in children)
     return None
 
@@ -172,7 +189,9 @@ def load_event_schemas(directory: Path | None) -> dict[str, Draft202012Validator
 class EventValidator:
     """Checks events against the packaged envelope and the configured per-event schemas."""
 
-    def __init__(self, event_schemas: Mapping[str, Draft202012Validator], max_depth: int) -> None:
+    def __init__(
+        self, event_schemas: Mapping[str, Draft202012Validator], shape: Shape | None = None
+    ) -> None:
         packaged = {name: _packaged_schema(name) for name in _PACKAGED}
         registry: Registry[Any] = Registry().with_resources(
             (schema["$id"], Resource.from_contents(schema)) for schema in packaged.values()
@@ -185,7 +204,12 @@ class EventValidator:
             ),
         }
         self._event_schemas = dict(event_schemas)
-        self._max_depth = max_depth
+        self._shape = shape or Shape()
+        self.server_only = frozenset(
+            name
+            for name, v in self._event_schemas.items()
+            if isinstance(v.schema, dict) and v.schema.get("x-server-only") is True
+        )
 
     @property
     def event_names(self) -> frozenset[str]:
@@ -199,9 +223,9 @@ class EventValidator:
         for error in self._envelopes[kind].iter_errors(event):
             found.extend(describe(error))
         for key in ("properties", "traits", "attributes", "group_attributes"):
-            deep = too_deep(event.get(key), self._max_depth, (key,))
-            if deep is not None:
-                found.append(deep)
+            problem = shape_problem(event.get(key), self._shape, (key,))
+            if problem is not None:
+                found.append(problem)
         if not found:
             name = event.get("event")
             properties = event.get("properties", {})
@@ -210,3 +234,16 @@ class EventValidator:
                 for error in validator.iter_errors(properties):
                     found.extend(describe(error, ("properties",)))
         return _deduplicated(found)
+
+    def registry_problems(
+        self, event: dict[str, Any], *, server: bool, unknown: str
+    ) -> list[Problem]:
+        """Whether this sender may send an event of this name (tracks only)."""
+        name = event.get("event")
+        if event.get("type", "track") != "track" or not isinstance(name, str):
+            return []
+        if name in self.server_only and not server:
+            return [Problem("/event", f"{name!r} may only be sent with a server token")]
+        if unknown == "reject" and self._event_schemas and name not in self._event_schemas:
+            return [Problem("/event", f"{name!r} is not a known event (no schema in schemas_dir)")]
+        return []

@@ -1,0 +1,61 @@
+"""Limits: token buckets per client IP and per user, all-or-nothing for a request."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+
+
+def refill(tokens: float, elapsed: float, *, rate: float, burst: float) -> float:
+    """A bucket's tokens after `elapsed` seconds: `rate` more a second, never above `burst`."""
+    return min(burst, tokens + max(0.0, elapsed) * rate)
+
+
+def wait_for(tokens: float, cost: float, *, rate: float) -> float:
+    """Seconds until a bucket holding `tokens` can pay `cost`; 0 when it can now."""
+    return 0.0 if tokens >= cost else (cost - tokens) / rate
+
+
+class RateLimiter:
+    """Token buckets by key (a client IP, a user id), holding at most `max_keys` of them.
+
+    A bucket forgotten for want of room starts full again, which errs towards letting
+    events through rather than refusing them.
+    """
+
+    def __init__(self, rate: float, burst: float, *, max_keys: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        return refill(tokens, now - at, rate=self.rate, burst=self.burst)
+
+    def wait(self, costs: Mapping[str, float], now: float) -> float:
+        """Seconds until every key can pay its cost; 0 when all can now. Takes nothing."""
+        if not self.rate:
+            return 0.0
+        return max(
+            (
+                wait_for(self._tokens(key, now), min(cost, self.burst), rate=self.rate)
+                for key, cost in costs.items()
+            ),
+            default=0.0,
+        )
+
+    def take(self, costs: Mapping[str, float], now: float) -> None:
+        if not self.rate:
+            return
+        for key, cost in costs.items():
+            self._buckets[key] = (self._tokens(key, now) - cost, now)
+            self._buckets.move_to_end(key)
+        while len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+
+
+def retry_after(seconds: float) -> str:
+    """A Retry-After header value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
