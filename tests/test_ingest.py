@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gzip
 import logging
+import sqlite3
 from dataclasses import dataclass
 
 import orjson
 import pytest
 from conftest import SEED_EVENT, Collector, StartCollector
-from fake_outbound import FakeOutbound
+from fake_outbound import FakeOutbound, Fault
 
 from collector.ingest import RequestError, split_batch
 
@@ -167,6 +168,51 @@ HOSTILE = [
     ),
     Hostile("invalid UTF-8", b'{"event": "\xff\xfe", "user_id": "u"}', 400, "not valid JSON"),
     Hostile("NaN", b'{"event": "x", "user_id": "u", "timestamp": NaN}', 400, "not valid JSON"),
+    Hostile("Infinity", b'{"event": "x", "user_id": "u", "timestamp": Infinity}', 400, "JSON"),
+    Hostile("huge number", b'{"event": "x", "user_id": "u", "timestamp": 1e400}', 400, "JSON"),
+    Hostile(
+        "huge timestamp",
+        body({**EVENT, "timestamp": 1e300}),
+        400,
+        "Unix time in seconds",
+        "/timestamp",
+    ),
+    Hostile("lone surrogate", b'{"event": "\\ud800", "user_id": "u"}', 400, "not valid JSON"),
+    Hostile(
+        "10 MB string",
+        body({**EVENT, "properties": {"s": "x" * 10_000_000}}),
+        413,
+        "over the limit",
+    ),
+    Hostile(
+        "long string inside properties",
+        body({**EVENT, "properties": {"note": "x" * 9000}}),
+        400,
+        "longer than 8192 characters",
+        "/properties/note",
+    ),
+    Hostile(
+        "too many keys",
+        body({**EVENT, "properties": {f"k{i}": i for i in range(1001)}}),
+        400,
+        "more than 1000 keys",
+        "/properties",
+    ),
+    Hostile("context an array", body({**EVENT, "context": []}), 400, "an object", "/context"),
+    Hostile("traits a number", body({**EVENT, "traits": 5}), 400, "an object", "/traits"),
+    Hostile("type an object", body({**EVENT, "type": {}}), 400, "must be one of", "/type"),
+    Hostile(
+        "message_id a number", body({**EVENT, "message_id": 7}), 400, "a string", "/message_id"
+    ),
+    Hostile("user_hash an array", body({**EVENT, "user_hash": []}), 400, "a string", "/user_hash"),
+    Hostile(
+        "Outbound identify email a number",
+        body({"user_id": "u1", "email": 5}),
+        400,
+        "a string or null",
+        "/email",
+        endpoint="/v2/identify",
+    ),
     Hostile(
         "reserved context property",
         body({**EVENT, "properties": {"collector": {"ip": "1.2.3.4"}}}),
@@ -236,7 +282,42 @@ async def test_hostile_request_is_refused_and_nothing_stored(
 
 
 def test_hostile_table_is_large_enough() -> None:
-    assert len(HOSTILE) >= 25
+    assert len(HOSTILE) >= 40
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "check"),
+    [
+        (
+            "duplicate keys: the last wins",
+            b'{"event": "a", "event": "b", "user_id": "u"}',
+            ("event", "b"),
+        ),
+        (
+            "__proto__ key",
+            b'{"event": "x", "user_id": "u", "properties": {"__proto__": {"admin": true}}}',
+            ("properties", {"__proto__": {"admin": True}}),
+        ),
+        ("NUL bytes", b'{"event": "a\\u0000b", "user_id": "u"}', ("event", "a\x00b")),
+        (
+            "far-future timestamp is clamped",
+            b'{"event": "x", "user_id": "u", "timestamp": 99999999999}',
+            ("clamped_from", 99999999999),
+        ),
+        ("negative zero", b'{"event": "x", "user_id": "u", "timestamp": -0}', ("timestamp", 0)),
+        ("numeric user_id", b'{"event": "x", "user_id": 123}', ("user_id", "123")),
+    ],
+)
+async def test_odd_but_valid_bodies_are_stored_as_they_mean(
+    collector: Collector, fake: FakeOutbound, name: str, data: bytes, check: tuple[str, object]
+) -> None:
+    fake.always = Fault(503)  # keep it queued to look at what was stored
+    status, answer, _ = await collector.post("/e", data=data, headers=TEXT)
+    assert (status, answer["accepted"]) == (202, 1), answer
+    with sqlite3.connect(collector.queue.path) as db:
+        (stored,) = db.execute("SELECT body FROM events").fetchone()
+    key, expected = check
+    assert orjson.loads(stored)[key] == expected
 
 
 async def test_each_problem_is_reported_with_its_path(collector: Collector) -> None:

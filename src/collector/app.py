@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import aiohttp_cors
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import ingest
 from .config import Settings
@@ -70,6 +71,34 @@ async def relay_context(app: web.Application) -> AsyncIterator[None]:
     log.info("stopped with %d events queued, %d dead letters", stats.depth, stats.dead_letters)
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP (bad headers, an encoding it cannot decode) as
+    an error with a traceback; it is the client's fault, so it becomes one warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            reason = " ".join(str(error.message).split())[:200]
+            record.msg, record.args = (
+                "refused a malformed request from %s: %s",
+                (
+                    record.args[0] if isinstance(record.args, tuple) and record.args else "?",
+                    reason,
+                ),
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+async def quiet_malformed_requests(app: web.Application) -> AsyncIterator[None]:
+    server_log = logging.getLogger("aiohttp.server")
+    quiet = MalformedRequestFilter()
+    server_log.addFilter(quiet)
+    yield
+    server_log.removeFilter(quiet)
+
+
 async def get_script(request: web.Request) -> web.Response:
     return request.app[SCRIPT].response(request)
 
@@ -120,6 +149,7 @@ def create_app(settings: Settings) -> web.Application:
     app[USER_LIMITER] = RateLimiter(settings.rate_limit_per_user, settings.rate_burst_per_user)
     app[COUNTS] = Counter()
     app[SCRIPT] = Script.packaged(settings.event_path)
+    app.cleanup_ctx.append(quiet_malformed_requests)
     app.cleanup_ctx.append(queue_context)
     app.cleanup_ctx.append(relay_context)
 

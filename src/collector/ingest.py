@@ -106,6 +106,26 @@ async def _read_within(request: web.Request, limit: int, encoding: str) -> bytes
     return b"".join(chunks)
 
 
+async def _drained(request: web.Request, limit: int) -> bool:
+    """Read and drop what is left of a refused request's body, so that the connection can
+    serve the next request; False when that is not possible (too much, too slow, broken)."""
+    if request.content.is_eof():
+        return True
+    size = 0
+    try:
+        async with asyncio.timeout(1.0):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    return False
+    except (RequestPayloadError, ContentEncodingError, zlib.error):
+        request.content.feed_eof()  # the stream is dead; aiohttp must not drain it again
+        return False
+    except TimeoutError:
+        return False
+    return True
+
+
 def decode(body: bytes) -> object:
     try:
         return orjson.loads(body)
@@ -314,7 +334,7 @@ async def _handle(
     except RequestError as error:
         counts[f"refused_{error.status}"] += 1
         response = error_response(error.status, error.message)
-        if error.close:
+        if error.close or not await _drained(request, settings.max_body_bytes):
             response.force_close()
         return response
     if not server and is_bot(request.headers.get("User-Agent"), settings.bot_user_agents):
