@@ -133,3 +133,56 @@ async def test_serve_without_key_runs_dry(tmp_path: Path) -> None:
     assert "DRY RUN: OUTBOUND_API_KEY is not set" in output
     assert "dry run: would POST /v2/track 'renewMembership'" in output
     assert "u123" not in output
+
+
+async def test_serve_closes_connections_whose_headers_trickle(tmp_path: Path) -> None:
+    server = await asyncio.to_thread(
+        ServeProcess,
+        ["--data-dir", str(tmp_path / "data"), "--header-timeout", "0.5"],
+        env={},
+        log=tmp_path / "log",
+    )
+    host, port = server.base_url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps(SEED_EVENT).encode()
+    request = (
+        b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    try:
+        # Two prompt requests on one keep-alive connection are both answered.
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request + request)
+        await writer.drain()
+        received = b""
+        while received.count(b"HTTP/1.1 202") < 2:
+            received += await asyncio.wait_for(reader.read(4096), 5)
+        # Then a third whose headers trickle: the connection is closed at the deadline.
+        writer.write(b"POST /e HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
+        closed_at = await _closed_within(reader, 5)
+        assert closed_at is not None
+        writer.close()
+
+        # A fresh connection that never finishes its first request's headers is closed too.
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /healthz HTTP/1.1\r\n")
+        await writer.drain()
+        assert await _closed_within(reader, 5) is not None
+        writer.close()
+    finally:
+        assert await asyncio.to_thread(server.stop) == 0
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> float | None:
+    """Seconds until the server closed the connection, or None if it did not in time."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(1024):
+                pass
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return loop.time() - started

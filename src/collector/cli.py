@@ -19,6 +19,7 @@ from aiohttp import web
 from . import __version__
 from .app import QUEUE_FILE, create_app
 from .config import Settings, SettingsError, env_name, load_settings, settings_fields
+from .deadline import with_header_deadline
 from .identity import user_hash
 from .queue import DeadLetterFilter, SQLiteQueue
 from .schema import SchemaDirError
@@ -152,17 +153,26 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         app, access_log=None, handle_signals=False, keepalive_timeout=settings.keepalive_timeout
     )
     await runner.setup()
+    listener: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        _print_banner(settings, runner.addresses)
-        stop = asyncio.Event()
+        assert runner.server is not None
         loop = asyncio.get_running_loop()
+        # Not a web.TCPSite: each connection gets the header deadline that aiohttp lacks.
+        listener = await loop.create_server(
+            with_header_deadline(runner.server, settings.header_timeout),
+            settings.host,
+            settings.port,
+            reuse_address=True,
+        )
+        _print_banner(settings, [s.getsockname() for s in listener.sockets])
+        stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("stopping: no new requests; finishing what is in flight")
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
 
 

@@ -300,6 +300,9 @@ class Settings:
     max_gzip_ratio: int = setting(
         100, _integer(1), "Most a compressed body may grow when decompressed (413 above)."
     )
+    header_timeout: float = setting(
+        10.0, _seconds, "Seconds a request's headers may take to arrive (the connection closes)."
+    )
     body_timeout: float = setting(
         10.0, _seconds, "Seconds a request body may take to arrive (408 after)."
     )
