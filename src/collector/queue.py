@@ -112,10 +112,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 # Only the head of each user's line may be claimed, and only when it is due and not leased.
+# Walking the table in id order and probing the (user_key, id) index for an earlier event
+# stops after `limit` heads, instead of grouping the whole table on every claim.
 _CLAIM = """
-SELECT id, body, attempts, received_at FROM events
-WHERE id IN (SELECT MIN(id) FROM events GROUP BY user_key)
-  AND available_at <= :now AND lease_until <= :now
+SELECT id, body, attempts, received_at FROM events AS e
+WHERE available_at <= :now AND lease_until <= :now
+  AND NOT EXISTS (SELECT 1 FROM events AS p WHERE p.user_key = e.user_key AND p.id < e.id)
 ORDER BY id LIMIT :limit
 """
 
