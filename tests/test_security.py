@@ -15,7 +15,7 @@ from fake_outbound import KEY, FakeOutbound, Fault
 
 from collector.config import Secret
 from collector.ingest import origin_allowed, request_origin
-from collector.keys import COUNTS
+from collector.keys import METRICS
 from collector.limits import RateLimiter, refill, retry_after, wait_for
 
 SHOP = "https://shop.example.com"
@@ -120,7 +120,7 @@ async def test_rate_limit_per_ip_answers_429_with_retry_after(
     assert response.headers["Retry-After"] == "2"
     assert collector.queue.stored == 5  # the refused request stored nothing
     assert collector.app is not None
-    assert collector.app[COUNTS]["rate_limited_requests"] == 1
+    assert collector.app[METRICS].value("collector_rate_limited_requests_total") == 1
 
 
 async def test_rate_limit_per_user(start_collector: StartCollector) -> None:
@@ -182,7 +182,7 @@ async def test_bots_are_dropped_and_counted(collector: Collector, fake: FakeOutb
     headless = {"User-Agent": "Mozilla/5.0 HeadlessChrome/120.0"}
     await collector.post("/e", EVENT, headers=headless)
     assert collector.app is not None
-    assert collector.app[COUNTS]["bot_events_dropped"] == 3
+    assert collector.app[METRICS].value("collector_bot_events_dropped_total") == 3
     assert collector.queue.stored == 0
     status, _, _ = await collector.post("/e", EVENT, headers={"User-Agent": "Mozilla/5.0 Chrome"})
     assert status == 202

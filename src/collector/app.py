@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
+from importlib import resources
 
 import aiohttp
 import aiohttp_cors
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import ingest
+from . import debug, ingest
 from .config import Settings
-from .keys import COUNTS, IP_LIMITER, QUEUE, RELAY, SCRIPT, SETTINGS, USER_LIMITER, VALIDATOR
+from .identity import bearer_token, token_matches
+from .keys import (
+    DEBUG_HUB,
+    IP_LIMITER,
+    METRICS,
+    QUEUE,
+    RELAY,
+    SCRIPT,
+    SETTINGS,
+    USER_LIMITER,
+    VALIDATOR,
+)
 from .limits import RateLimiter
+from .live import DebugHub
+from .logs import request_ids
+from .metrics import Metrics
 from .outbound import DryRunOutbound, HttpOutbound, Outbound
 from .queue import SQLiteQueue
 from .relay import Relay
@@ -60,7 +76,7 @@ async def relay_context(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=settings.relay_concurrency * 2)
         session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
         outbound = HttpOutbound(session, settings.outbound_url, key, settings.relay_timeout)
-    relay = Relay(app[QUEUE], outbound, settings)
+    relay = Relay(app[QUEUE], outbound, settings, metrics=app[METRICS], hub=app[DEBUG_HUB])
     app[RELAY] = relay
     relay.start()
     yield
@@ -103,6 +119,39 @@ async def get_script(request: web.Request) -> web.Response:
     return request.app[SCRIPT].response(request)
 
 
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus' format; with a metrics token it is required, without one only loopback
+    clients (a local agent) may scrape."""
+    settings, metrics = request.app[SETTINGS], request.app[METRICS]
+    if settings.metrics_token is not None:
+        presented = bearer_token(request.headers.get("Authorization")) or ""
+        if not token_matches((settings.metrics_token,), presented):
+            raise web.HTTPUnauthorized(text="the metrics token is required")
+    elif not _loopback(request.remote):
+        raise web.HTTPForbidden(text="set metrics_token to scrape from another host")
+    stats = await request.app[QUEUE].stats()
+    metrics.queue_stats = (stats.depth, stats.oldest_received_at, stats.dead_letters)
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+async def get_asset(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    kind = {"live.js": "application/javascript", "live.css": "text/css"}[name]
+    body = resources.files("collector").joinpath("static", name).read_bytes()
+    return web.Response(body=body, content_type=kind, charset="utf-8")
+
+
+async def close_viewers(app: web.Application) -> None:
+    app[DEBUG_HUB].close()
+
+
 async def get_healthz(request: web.Request) -> web.Response:
     return ingest.json_response({"status": "alive"})
 
@@ -139,7 +188,7 @@ async def get_readyz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     """The whole collector for these settings; resources open and close with the app."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[request_ids])
     app[SETTINGS] = settings
     shape = Shape(
         settings.max_property_depth, settings.max_property_keys, settings.max_string_length
@@ -147,7 +196,8 @@ def create_app(settings: Settings) -> web.Application:
     app[VALIDATOR] = EventValidator(load_event_schemas(settings.schemas_dir), shape)
     app[IP_LIMITER] = RateLimiter(settings.rate_limit_per_ip, settings.rate_burst_per_ip)
     app[USER_LIMITER] = RateLimiter(settings.rate_limit_per_user, settings.rate_burst_per_user)
-    app[COUNTS] = Counter()
+    app[METRICS] = Metrics()
+    app[DEBUG_HUB] = DebugHub()
     app[SCRIPT] = Script.packaged(settings.event_path)
     app.cleanup_ctx.append(quiet_malformed_requests)
     app.cleanup_ctx.append(queue_context)
@@ -156,6 +206,11 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get(settings.script_path, get_script)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/readyz", get_readyz)
+    app.router.add_get("/metrics", get_metrics)
+    debug.add_routes(app, settings)
+    if settings.admin_token is not None or debug.demo_enabled(settings):
+        app.router.add_get("/_collector/{name:live\\.(?:js|css)}", get_asset)
+    app.on_shutdown.append(close_viewers)
     event_routes = [
         app.router.add_post(settings.event_path, ingest.post_event),
         app.router.add_post("/v2/track", ingest.post_outbound_track),

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, logs
 from .app import QUEUE_FILE, create_app
 from .config import Settings, SettingsError, env_name, load_settings, settings_fields
 from .deadline import with_header_deadline
@@ -137,10 +137,7 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(error))
     except SchemaDirError as error:
         return _fail(f"schemas_dir: {error}")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(_serve(app, settings))
     except OSError as error:

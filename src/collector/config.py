@@ -388,6 +388,26 @@ class Settings:
     )
     cors_max_age: int = setting(86400, _integer(0), "Seconds browsers may cache a preflight.")
     log_level: str = setting("info", _choice("debug", "info", "warning", "error"), "Log level.")
+    log_format: str = setting(
+        "text", _choice("text", "json"), "Log lines for people (text) or as JSON lines (json)."
+    )
+    metrics_token: Secret | None = setting(
+        None,
+        _secret,
+        "Bearer token for GET /metrics; unset: /metrics answers only loopback clients.",
+        flag=False,
+    )
+    admin_token: Secret | None = setting(
+        None,
+        _secret,
+        "Token that opens the live debugger at /debug; unset: no debugger.",
+        flag=False,
+    )
+    demo: str = setting(
+        "auto",
+        _choice("auto", "on", "off"),
+        "The demo page at /demo: auto is on while no allowed_origins are set.",
+    )
 
     @property
     def dry_run(self) -> bool:

@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from .config import Settings
 from .enrich import Record, Sender, client_ip, enrich, from_outbound_identify, from_outbound_track
 from .identity import bearer_token, is_bot, token_matches, truncated_ip, verify_user
-from .keys import COUNTS, IP_LIMITER, QUEUE, RELAY, SETTINGS, USER_LIMITER, VALIDATOR
+from .keys import DEBUG_HUB, IP_LIMITER, METRICS, QUEUE, RELAY, SETTINGS, USER_LIMITER, VALIDATOR
 from .limits import retry_after
 from .queue import QueueFull, QueueUnavailable
 from .schema import Kind, Problem
@@ -200,11 +200,13 @@ def sender_of(request: web.Request, settings: Settings, ip: str | None) -> Sende
 
 @dataclass(slots=True)
 class Verdicts:
-    """What became of each event of a request."""
+    """What became of each event of a request; `seen` feeds the live view while watched."""
 
     records: list[Record] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     anonymized: list[dict[str, Any]] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+    seen: list[dict[str, Any]] = field(default_factory=list)
 
 
 def judge(
@@ -216,41 +218,90 @@ def judge(
     *,
     server: bool,
     sender: Sender,
+    watched: bool = False,
 ) -> Verdicts:
     """Validate, check the sender's rights, and enrich each event; the rest say why not."""
     settings, validator = request.app[SETTINGS], request.app[VALIDATOR]
     received_at = time.time()
     verdicts = Verdicts()
     for index, event in enumerate(events):
-        problems = _size_problem(event, settings) or validator.problems(event, kind)
+        status, reason = "accepted", "invalid"
+        problems = _size_problem(event, settings)
+        if problems:
+            reason = "too_large"
+        else:
+            problems = validator.problems(event, kind)
         if not problems and isinstance(event, dict):
             problems = _reserved_problem(event, settings) or validator.registry_problems(
                 event, server=server, unknown=settings.unknown_events
             )
+            reason = "not_allowed"
         if not problems and isinstance(event, dict) and not server and settings.identity_secret:
             verdict, problems = verify_user(
                 event, settings.identity_secret, on_failure=settings.unverified_users
             )
+            reason = "unverified_user"
             if verdict == "anonymized":
+                status = "anonymized"
                 verdicts.anonymized.append(
                     {"index": index, "errors": [p.as_json() for p in problems]}
                 )
                 event = {k: v for k, v in event.items() if k not in {"user_id", "user_hash"}}
-                problems = []
-        if problems:
+        record = None
+        if problems and status != "anonymized":
+            status = "rejected"
             verdicts.rejected.append({"index": index, "errors": [p.as_json() for p in problems]})
-            continue
-        assert isinstance(event, dict)
-        verdicts.records.append(
-            enrich(
+            verdicts.reasons[reason] += 1
+        else:
+            assert isinstance(event, dict)
+            record = enrich(
                 convert(event),
                 sender,
                 received_at=received_at,
                 batch_sent_at=batch_sent_at,
                 tolerance=settings.clock_skew_tolerance,
             )
-        )
+            verdicts.records.append(record)
+        if watched:
+            verdicts.seen.append(seen_item(event, status, problems, record, received_at))
     return verdicts
+
+
+def seen_item(
+    event: object,
+    status: str,
+    problems: list[Problem],
+    record: Record | None,
+    at: float,
+) -> dict[str, Any]:
+    """One event as the live view shows it: what came, what was wrong, what the server added."""
+    fields = event if isinstance(event, dict) else {}
+    item: dict[str, Any] = {
+        "kind": "event",
+        "at": at,
+        "status": status,
+        "type": fields.get("type", "track"),
+        "event": fields.get("event") if isinstance(fields.get("event"), str) else None,
+        "user_id": str(fields["user_id"]) if fields.get("user_id") is not None else None,
+        "anonymous_id": fields.get("anonymous_id"),
+        "errors": [p.as_json() for p in problems],
+    }
+    if record is not None:
+        item["message_id"] = record["message_id"]
+        item["enrichment"] = {
+            key: record.get(key)
+            for key in (
+                "message_id",
+                "received_at",
+                "timestamp",
+                "clamped_from",
+                "ip",
+                "user_agent",
+                "origin",
+            )
+            if record.get(key) is not None
+        }
+    return item
 
 
 def rate_limit_wait(request: web.Request, records: list[Record], ip: str | None) -> float:
@@ -296,6 +347,7 @@ async def store(request: web.Request, verdicts: Verdicts) -> web.Response:
     if verdicts.records:
         try:
             duplicates = await request.app[QUEUE].put(verdicts.records)
+            request.app[METRICS].duplicates.inc(duplicates)
         except QueueFull as error:
             log.warning("queue refused %d events: %s", len(verdicts.records), error)
             return error_response(
@@ -323,7 +375,8 @@ async def _handle(
     kind: Kind,
     convert: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> web.Response:
-    settings, counts = request.app[SETTINGS], request.app[COUNTS]
+    settings, metrics, hub = request.app[SETTINGS], request.app[METRICS], request.app[DEBUG_HUB]
+    started = time.perf_counter()
     try:
         server = is_server(request, settings)
         document = decode(await read_body(request, settings))
@@ -332,27 +385,40 @@ async def _handle(
         else:
             events, sent_at = [document], None
     except RequestError as error:
-        counts[f"refused_{error.status}"] += 1
+        metrics.refused_requests.labels(str(error.status)).inc()
+        log.info("refused %d: %s", error.status, error.message)
         response = error_response(error.status, error.message)
         if error.close or not await _drained(request, settings.max_body_bytes):
             response.force_close()
         return response
     if not server and is_bot(request.headers.get("User-Agent"), settings.bot_user_agents):
-        counts["bot_events_dropped"] += len(events)
+        metrics.bot_drops.inc(len(events))
+        for event in events if hub.watched else ():
+            hub.publish(seen_item(event, "dropped", [], None, time.time()))
         return json_response({"accepted": 0, "rejected": [], "dropped": len(events)}, 202)
     ip = client_ip(
         request.remote, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
     )
     sender = sender_of(request, settings, ip)
-    verdicts = judge(request, events, kind, convert, sent_at, server=server, sender=sender)
+    verdicts = judge(
+        request, events, kind, convert, sent_at, server=server, sender=sender, watched=hub.watched
+    )
     if not server:
         wait = rate_limit_wait(request, verdicts.records, ip)
         if wait:
-            counts["rate_limited_requests"] += 1
+            metrics.rate_limited.inc()
             return error_response(
                 429, "too many events; retry later", {"Retry-After": retry_after(wait)}
             )
-    return await store(request, verdicts)
+    response = await store(request, verdicts)
+    if response.status in {202, 400}:  # not when the queue refused the lot
+        metrics.accepted.inc(len(verdicts.records))
+        for reason, count in verdicts.reasons.items():
+            metrics.rejected.labels(reason).inc(count)
+        for item in verdicts.seen:
+            hub.publish(item)
+    metrics.ingest_latency.observe(time.perf_counter() - started)
+    return response
 
 
 async def post_event(request: web.Request) -> web.Response:

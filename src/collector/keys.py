@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from aiohttp import web
 
 from .config import Settings
 from .limits import RateLimiter
+from .live import DebugHub
+from .metrics import Metrics
 from .queue import Queue
 from .relay import Relay
 from .schema import EventValidator
@@ -20,5 +20,5 @@ QUEUE = web.AppKey("queue", Queue)
 RELAY = web.AppKey("relay", Relay)
 IP_LIMITER = web.AppKey("ip_limiter", RateLimiter)
 USER_LIMITER = web.AppKey("user_limiter", RateLimiter)
-# Requests and events turned away, by reason: bots, rate limits, refusals by status.
-COUNTS = web.AppKey("counts", Counter[str])
+METRICS = web.AppKey("metrics", Metrics)
+DEBUG_HUB = web.AppKey("debug_hub", DebugHub)

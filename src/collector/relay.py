@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import Settings
-from .outbound import Answer, Outbound, calls_for, subject
+from .enrich import Record
+from .live import DebugHub
+from .metrics import Metrics
+from .outbound import Answer, Call, Outbound, calls_for, subject
 from .queue import Claimed, Queue, QueueUnavailable
 
 log = logging.getLogger("collector.relay")
@@ -129,8 +132,12 @@ class Relay:
         *,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
+        hub: DebugHub | None = None,
     ) -> None:
         self._queue = queue
+        self._metrics = metrics or Metrics()
+        self._hub = hub or DebugHub()
         self._outbound = outbound
         self._settings = settings
         self._clock = clock
@@ -213,7 +220,9 @@ class Relay:
         )
         answer = Answer(None, "no call made")
         for call in calls:
+            started = time.perf_counter()
             answer = await self._outbound.send(call)
+            self._observe(call, answer, record, time.perf_counter() - started)
             if not answer.ok:
                 break
             if call.endpoint == "/v2/identify":
@@ -245,6 +254,24 @@ class Relay:
                 error,
             )
 
+    def _observe(self, call: Call, answer: Answer, record: Record, seconds: float) -> None:
+        outcome = "network" if answer.status is None else f"{answer.status // 100}xx"
+        self._metrics.relayed.labels(call.endpoint, outcome).inc()
+        self._metrics.relay_latency.labels(call.endpoint).observe(seconds)
+        if self._hub.watched:
+            self._hub.publish(
+                {
+                    "kind": "call",
+                    "message_id": record["message_id"],
+                    "anonymous_id": record.get("anonymous_id"),
+                    "endpoint": call.endpoint,
+                    "body": call.body,
+                    "outcome": "sent" if answer.ok else "failed",
+                    "status": answer.status,
+                    "detail": answer.detail[:200],
+                }
+            )
+
     async def _record_outcome(
         self, item: Claimed, decision: Decision, answer: Answer, now: float
     ) -> None:
@@ -252,6 +279,7 @@ class Relay:
         if decision.action == "ack":
             await self._queue.ack(item.id)
         elif decision.action == "retry":
+            self._metrics.retries.inc()
             # While the circuit is open the probes pace the attempts, not each event's backoff.
             delay = 0.0 if self.breaker.is_open else decision.delay
             await self._queue.retry(item.id, available_at=now + delay, error=decision.reason)
@@ -270,12 +298,18 @@ class Relay:
                 response=answer.detail,
                 now=now,
             )
+            self._metrics.dead_lettered.inc()
             log.warning("event %s dead-lettered: %s", message_id, decision.reason)
         else:
             await self._queue.release(item.id)  # a rejected key is no fault of the event
 
     def _update_breaker(self, decision: Decision, now: float, wait: float) -> str | None:
         """Feed the outcome to the breaker; says "opened" or "closed" when that changed."""
+        change = self._breaker_change(decision, now, wait)
+        self._metrics.breaker_open.set(1 if self.breaker.is_open else 0)
+        return change
+
+    def _breaker_change(self, decision: Decision, now: float, wait: float) -> str | None:
         breaker, interval = self.breaker, self._settings.probe_interval
         if decision.action in {"ack", "dead"}:  # Outbound answered: it is up
             if breaker.succeeded():

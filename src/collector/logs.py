@@ -1,0 +1,76 @@
+"""Logs: one line per notable thing, for people or as JSON lines, with the request id."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import sys
+import time
+from contextvars import ContextVar
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+# Request-scoped, as contextvars are: each request's task sees its own id.
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the id of the request being handled (or "-") on every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line: time, level, logger, request id, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+def configure(level: str, style: str) -> None:
+    """Send the collector's and aiohttp's logs to stderr, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    formatter: logging.Formatter = (
+        JsonLines() if style == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    if style == "json":
+        formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+@web.middleware
+async def request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Gives each request an id (the client's X-Request-ID when it is sane), logs it and
+    answers it, so that a line in the log can be found from a response and back."""
+    given = request.headers.get("X-Request-ID", "")
+    request_id = given if _SAFE_ID.fullmatch(given) else secrets.token_hex(8)
+    token = REQUEST_ID.set(request_id)
+    try:
+        response = await handler(request)
+    except web.HTTPException as error:
+        error.headers["X-Request-ID"] = request_id
+        raise
+    finally:
+        REQUEST_ID.reset(token)
+    response.headers["X-Request-ID"] = request_id
+    return response
