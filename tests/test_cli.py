@@ -186,3 +186,70 @@ async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> float 
     except ConnectionResetError:
         pass
     return loop.time() - started
+
+
+async def test_json_logs_carry_the_request_id(tmp_path: Path) -> None:
+    server = await asyncio.to_thread(
+        ServeProcess,
+        ["--data-dir", str(tmp_path / "data"), "--log-format", "json"],
+        env={},
+        log=tmp_path / "log",
+    )
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.base_url + "/e",
+                data=b"{",
+                headers={"Content-Type": "text/plain", "X-Request-ID": "req-7"},
+            ) as response,
+        ):
+            assert response.status == 400
+            assert response.headers["X-Request-ID"] == "req-7"
+    finally:
+        assert await asyncio.to_thread(server.stop) == 0
+    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    refused = [line for line in lines if line["message"].startswith("refused 400")]
+    assert refused[0]["request_id"] == "req-7"
+    assert refused[0]["level"] == "info"
+    assert any(line["message"].startswith("stopped with") for line in lines)
+
+
+def test_check_prints_effective_settings_with_secrets_redacted(tmp_path: Path) -> None:
+    result = run_cli(
+        "check",
+        "--data-dir",
+        str(tmp_path),
+        env={
+            "OUTBOUND_API_KEY": "key-never-printed",
+            "COLLECTOR_ADMIN_TOKEN": "admin-never-printed",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert "outbound_api_key      ******** (set)" in result.stdout
+    assert "admin_token           ******** (set)" in result.stdout
+    assert "key-never-printed" not in result.stdout
+    assert "admin-never-printed" not in result.stdout
+    assert result.stdout.rstrip().endswith("all is well")
+    bad = run_cli("check", "--port", "none")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("outbound-collector: error: --port")
+
+
+def test_schemas_lint(tmp_path: Path) -> None:
+    (tmp_path / "renewMembership.json").write_text('{"type": "object"}')
+    (tmp_path / "reset.json").write_text('{"x-event": "passwordReset", "x-server-only": true}')
+    good = run_cli("schemas", "lint", str(tmp_path))
+    assert good.returncode == 0
+    assert "ok     passwordReset  (server-only)" in good.stdout
+    assert "ok     renewMembership" in good.stdout
+    assert "2 usable, 0 with problems" in good.stdout
+    (tmp_path / "broken.json").write_text('{"type": "strnig"}')
+    (tmp_path / "again.json").write_text('{"x-event": "renewMembership"}')
+    bad = run_cli("schemas", "lint", str(tmp_path))
+    assert bad.returncode == 1
+    assert "error  broken.json: not a valid schema at /type" in bad.stdout
+    assert (
+        "error  renewMembership.json: a second schema for the event 'renewMembership'" in bad.stdout
+    )
+    assert "2 usable, 2 with problems" in bad.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import sqlite3
 import subprocess
@@ -315,3 +316,51 @@ async def test_event_past_its_retry_window_is_dead_lettered(
     assert letter["reason"].startswith("still failing after")
     assert letter["reason"].endswith("Outbound answered 503")
     assert letter["response"] == "down"
+
+
+async def test_stats_reads_the_data_directory(
+    collector: Collector, fake: FakeOutbound, with_dead_letters: Path
+) -> None:
+    fake.always = Fault(503)
+    await collector.post("/e", {**SEED_EVENT, "user_id": "waiting"})
+
+    async def one_waiting() -> bool:
+        return (await collector.queue.stats()).depth == 1
+
+    await eventually(one_waiting)
+    await eventually(lambda: collector.relay.breaker.is_open)
+    await asyncio.sleep(0.2)  # the relay notes its state in the data directory
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "collector", "stats", "--data-dir", str(with_dead_letters)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "queue:        1 events waiting" in result.stdout
+    assert "dead letters: 2" in result.stdout
+    assert "1  Outbound answered 400" in result.stdout
+    assert "relay:        circuit opened (Outbound answered 503)" in result.stdout
+    as_json = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "collector",
+            "stats",
+            "--json",
+            "--data-dir",
+            str(with_dead_letters),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(as_json.stdout)
+    assert report["queued"] == 1
+    assert report["dead_letters_by_reason"] == {
+        "Outbound answered 400": 1,
+        "Outbound answered 422": 1,
+    }

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,9 +21,10 @@ from . import __version__, logs
 from .app import QUEUE_FILE, create_app
 from .config import Settings, SettingsError, env_name, load_settings, settings_fields
 from .deadline import with_header_deadline
+from .debug import demo_enabled
 from .identity import user_hash
 from .queue import DeadLetterFilter, SQLiteQueue
-from .schema import SchemaDirError
+from .schema import SchemaDirError, lint_schemas, load_event_schemas
 from .script import Script, snippet
 
 PROG = "outbound-collector"
@@ -81,6 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sign.add_argument("user_id", metavar="USER_ID")
     sign.add_argument("--config", type=Path, help="TOML file of settings")
+    check = commands.add_parser(
+        "check",
+        help="check settings and schemas and print the effective settings, secrets redacted",
+        description="Load the settings (flags, environment, --config) and the schemas as "
+        "serve would, print every effective setting with secrets redacted, and exit 0 when "
+        "all is well, 2 when not.",
+    )
+    _add_setting_flags(check)
+    schemas = commands.add_parser("schemas", help="work with per-event schema files")
+    schema_actions = schemas.add_subparsers(dest="action", required=True, metavar="ACTION")
+    lint = schema_actions.add_parser(
+        "lint",
+        help="check every schema file in a directory",
+        description="Check each *.json file in DIR as a per-event schema; exit 1 if any is "
+        "unusable.",
+    )
+    lint.add_argument("directory", type=Path, metavar="DIR")
+    stats = commands.add_parser(
+        "stats",
+        help="queue depth, oldest event, dead letters by reason and relay state",
+        description="Read the data directory (no running server needed) and print what waits "
+        "in it.",
+    )
+    stats.add_argument("--config", type=Path, help="TOML file of settings")
+    stats.add_argument("--data-dir", help="the collector's data directory")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 
@@ -191,8 +219,14 @@ def _print_banner(settings: Settings, addresses: Sequence[object]) -> None:
         if settings.allowed_origins
         else "none but its own; set COLLECTOR_ALLOWED_ORIGINS to the sites embedding the script"
     )
+    pages = ""
+    if demo_enabled(settings):
+        pages += f"  demo:   {base}/demo  (open it, click, and watch the events)\n"
+    if settings.admin_token is not None:
+        pages += f"  debug:  {base}/debug  (asks for the admin token)\n"
     print(
         f"{PROG} {__version__} listening on {base}\n"
+        f"{pages}"
         f"  script: {base}{settings.script_path}\n"
         f"  events: {base}{settings.event_path}  (and {base}/v2/track, {base}/v2/identify)\n"
         f"  queue:  {settings.data_dir / 'queue.sqlite3'}\n"
@@ -282,6 +316,85 @@ def sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def check(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_from(args)
+        validators = load_event_schemas(settings.schemas_dir)
+    except SettingsError as error:
+        return _fail(str(error))
+    except SchemaDirError as error:
+        return _fail(f"schemas_dir: {error}")
+    shown = settings.redacted()
+    width = max(map(len, shown))
+    for name, value in shown.items():
+        print(f"{name:<{width}}  {value}")
+    print(f"\nschemas: {len(validators)} event schemas", end="")
+    print(f" ({', '.join(sorted(validators))})" if validators else "")
+    print(
+        "relay: dry run (no OUTBOUND_API_KEY)" if settings.dry_run else "relay: sends to Outbound"
+    )
+    print("all is well")
+    return 0
+
+
+def schemas_lint(args: argparse.Namespace) -> int:
+    if not args.directory.is_dir():
+        return _fail(f"{str(args.directory)!r} is not a directory")
+    validators, problems = lint_schemas(args.directory)
+    for name in sorted(validators):
+        server_only = validators[name].schema.get("x-server-only") is True  # type: ignore[union-attr]
+        print(f"ok     {name}" + ("  (server-only)" if server_only else ""))
+    for problem in problems:
+        print(f"error  {problem}")
+    print(f"{len(validators)} usable, {len(problems)} with problems")
+    return 1 if problems else 0
+
+
+def stats(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(flags={"data_dir": args.data_dir}, config_file=args.config)
+    except SettingsError as error:
+        return _fail(str(error))
+    path = settings.data_dir / QUEUE_FILE
+    if not path.exists():
+        return _fail(f"data_dir: no queue at {str(path)!r}")
+    report = asyncio.run(_stats(path))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    oldest = report["oldest_event_age_seconds"]
+    print(f"queue:        {report['queued']} events waiting")
+    print(f"oldest event: {'none' if oldest is None else f'{oldest:.0f} s old'}")
+    print(f"dead letters: {report['dead_letters']}")
+    for reason, count in report["dead_letters_by_reason"].items():
+        print(f"{count:>14}  {reason}")
+    relay = report["relay"]
+    state = "no record yet" if relay is None else f"circuit {relay['circuit']}"
+    if relay and relay.get("reason"):
+        state += f" ({relay['reason']})"
+    print(f"relay:        {state}")
+    return 0
+
+
+async def _stats(path: Path) -> dict[str, Any]:
+    queue = SQLiteQueue(path, owner=False)
+    await queue.open()
+    try:
+        numbers = await queue.stats()
+        reasons = await queue.dead_letter_reasons()
+        notes = await queue.notes()
+    finally:
+        await queue.close()
+    oldest = numbers.oldest_received_at
+    return {
+        "queued": numbers.depth,
+        "oldest_event_age_seconds": None if oldest is None else max(0.0, time.time() - oldest),
+        "dead_letters": numbers.dead_letters,
+        "dead_letters_by_reason": dict(reasons),
+        "relay": notes.get("relay"),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -292,4 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dead_letters(args)
     if args.command == "sign":
         return sign(args)
+    if args.command == "check":
+        return check(args)
+    if args.command == "schemas":
+        return schemas_lint(args)
+    if args.command == "stats":
+        return stats(args)
     return _fail(f"unknown command {args.command!r}")  # argparse already refuses these

@@ -375,8 +375,20 @@ async def _handle(
     kind: Kind,
     convert: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> web.Response:
-    settings, metrics, hub = request.app[SETTINGS], request.app[METRICS], request.app[DEBUG_HUB]
     started = time.perf_counter()
+    try:
+        return await _answer(request, kind, convert)
+    finally:
+        request.app[METRICS].ingest_latency.observe(time.perf_counter() - started)
+
+
+async def _answer(
+    request: web.Request,
+    kind: Kind,
+    convert: Callable[[dict[str, Any]], dict[str, Any]],
+) -> web.Response:
+    """Who sends, what they sent, what became of each event: the whole of one request."""
+    settings, metrics, hub = request.app[SETTINGS], request.app[METRICS], request.app[DEBUG_HUB]
     try:
         server = is_server(request, settings)
         document = decode(await read_body(request, settings))
@@ -417,7 +429,6 @@ async def _handle(
             metrics.rejected.labels(reason).inc(count)
         for item in verdicts.seen:
             hub.publish(item)
-    metrics.ingest_latency.observe(time.perf_counter() - started)
     return response
 
 

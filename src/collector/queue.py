@@ -74,6 +74,9 @@ class Queue(Protocol):
     async def probe(self, now: float) -> bool:
         """Try a small real write; True when the queue can store events again."""
 
+    async def note(self, key: str, value: object) -> None:
+        """Keep a small fact (like the relay's state) for tools that read the data directory."""
+
     @property
     def healthy(self) -> bool: ...
 
@@ -402,6 +405,20 @@ class SQLiteQueue:
                 stores=True,
             )
         return self._healthy
+
+    async def note(self, key: str, value: object) -> None:
+        await self._submit(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (key, orjson.dumps(value).decode()),
+            )
+        )
+
+    async def notes(self) -> dict[str, Any]:
+        rows = await self._submit(
+            lambda c: c.execute("SELECT key, value FROM meta WHERE key != 'probed_at'").fetchall()
+        )
+        return {key: orjson.loads(value) for key, value in rows}
 
     async def reset_backoff(self, now: float) -> None:
         await self._submit(

@@ -247,6 +247,9 @@ class Relay:
                 # the probes pace the attempts; when it closes, everything waiting is due.
                 await self._queue.reset_backoff(now)
                 self._wake.set()
+                await self._queue.note(
+                    "relay", {"circuit": change, "reason": self.breaker.reason, "since": now}
+                )
         except QueueUnavailable as error:
             log.error(
                 "could not record the outcome for event %s (%s); it goes again after its lease",

@@ -159,30 +159,55 @@ def _packaged_schema(name: str) -> dict[str, Any]:
     return schema
 
 
-def load_event_schemas(directory: Path | None) -> dict[str, Draft202012Validator]:
-    """Per-event property validators: one *.json file per event, named by `x-event` or its stem."""
+def load_schema_file(path: Path) -> tuple[str, Draft202012Validator]:
+    """One event's schema file: the event it names (`x-event` or the stem) and its validator."""
+    try:
+        schema = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SchemaDirError(f"{path.name}: cannot be read as JSON ({error})") from None
+    if not isinstance(schema, dict):
+        raise SchemaDirError(f"{path.name}: a schema must be a JSON object")
+    name = schema.get("x-event", path.stem)
+    if not isinstance(name, str) or not name:
+        raise SchemaDirError(f"{path.name}: x-event must be a non-empty string")
+    if "x-server-only" in schema and not isinstance(schema["x-server-only"], bool):
+        raise SchemaDirError(f"{path.name}: x-server-only must be true or false")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        where = pointer(tuple(error.absolute_path)) or "the top level"
+        problem = f"{path.name}: not a valid schema at {where}: {error.message}"
+        raise SchemaDirError(problem) from None
+    return name, Draft202012Validator(schema)
+
+
+def lint_schemas(directory: Path) -> tuple[dict[str, Draft202012Validator], list[str]]:
+    """Every usable schema in a directory, and a sentence for each file that is not."""
     validators: dict[str, Draft202012Validator] = {}
-    if directory is None:
-        return validators
+    problems: list[str] = []
     for path in sorted(directory.glob("*.json")):
         try:
-            schema = json.loads(path.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            raise SchemaDirError(f"{path.name}: cannot be read as JSON ({error})") from None
-        if not isinstance(schema, dict):
-            raise SchemaDirError(f"{path.name}: a schema must be a JSON object")
-        name = schema.get("x-event", path.stem)
-        if not isinstance(name, str) or not name:
-            raise SchemaDirError(f"{path.name}: x-event must be a non-empty string")
+            name, validator = load_schema_file(path)
+        except SchemaDirError as error:
+            problems.append(str(error))
+            continue
         if name in validators:
-            raise SchemaDirError(f"{path.name}: a second schema for the event {name!r}")
-        try:
-            Draft202012Validator.check_schema(schema)
-        except SchemaError as error:
-            where = pointer(tuple(error.absolute_path)) or "the top level"
-            problem = f"{path.name}: not a valid schema at {where}: {error.message}"
-            raise SchemaDirError(problem) from None
-        validators[name] = Draft202012Validator(schema)
+            problems.append(f"{path.name}: a second schema for the event {name!r}")
+            continue
+        validators[name] = validator
+    return validators, problems
+
+
+def load_event_schemas(directory: Path | None) -> dict[str, Draft202012Validator]:
+    """Per-event property validators: one *.json file per event, named by `x-event` or its stem.
+
+    The first unusable file stops the load: a collector must not start half-configured.
+    """
+    if directory is None:
+        return {}
+    validators, problems = lint_schemas(directory)
+    if problems:
+        raise SchemaDirError(problems[0])
     return validators
 
 
