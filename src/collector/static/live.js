@@ -58,6 +58,9 @@
   }
 
   var source = new EventSource(list.getAttribute("data-stream"));
+  source.onopen = function () {
+    list.setAttribute("data-connected", "true");
+  };
   source.onmessage = function (message) {
     var item = JSON.parse(message.data);
     if (item.kind === "event") showEvent(item);
