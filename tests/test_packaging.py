@@ -74,4 +74,4 @@ def test_wheel_in_a_clean_venv_serves_the_script(tmp_path: Path) -> None:
     finally:
         assert server.stop() == 0
     source = (ROOT / "src" / "collector" / "static" / "s.min.js").read_bytes()
-    assert served == source.replace(b"{{EVENT_PATH}}", b"/e")
+    assert served == source.replace(b"{{EVENT_PATH}}", b"/e").replace(b"{{SCRIPT_PATH}}", b"/s.js")

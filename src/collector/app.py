@@ -198,7 +198,7 @@ def create_app(settings: Settings) -> web.Application:
     app[USER_LIMITER] = RateLimiter(settings.rate_limit_per_user, settings.rate_burst_per_user)
     app[METRICS] = Metrics()
     app[DEBUG_HUB] = DebugHub()
-    app[SCRIPT] = Script.packaged(settings.event_path)
+    app[SCRIPT] = Script.packaged(settings.event_path, settings.script_path)
     app.cleanup_ctx.append(quiet_malformed_requests)
     app.cleanup_ctx.append(queue_context)
     app.cleanup_ctx.append(relay_context)

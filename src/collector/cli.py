@@ -242,7 +242,8 @@ def script_tag(args: argparse.Namespace) -> int:
     except SettingsError as error:
         return _fail(str(error))
     base = (args.base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
-    print(snippet(Script.packaged(settings.event_path), base + settings.script_path))
+    script = Script.packaged(settings.event_path, settings.script_path)
+    print(snippet(script, base + settings.script_path))
     return 0
 
 

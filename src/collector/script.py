@@ -15,6 +15,7 @@ from importlib import resources
 from aiohttp import web
 
 EVENT_PATH_MARK = b"{{EVENT_PATH}}"
+SCRIPT_PATH_MARK = b"{{SCRIPT_PATH}}"
 CACHE_CONTROL = "public, max-age=3600, stale-while-revalidate=86400"
 
 
@@ -28,12 +29,14 @@ class Script:
     integrity: str
 
     @classmethod
-    def packaged(cls, event_path: str = "/e") -> Script:
-        """The built script (static/s.min.js) with the collector's event path as its default."""
+    def packaged(cls, event_path: str = "/e", script_path: str = "/s.js") -> Script:
+        """The built script (static/s.min.js) with the collector's paths filled in."""
         source = resources.files("collector").joinpath("static", "s.min.js").read_bytes()
-        if EVENT_PATH_MARK not in source:
-            raise ValueError("static/s.min.js lacks its event path placeholder")
-        return cls.of(source.replace(EVENT_PATH_MARK, event_path.encode("utf-8")))
+        for mark, path in ((EVENT_PATH_MARK, event_path), (SCRIPT_PATH_MARK, script_path)):
+            if mark not in source:
+                raise ValueError(f"static/s.min.js lacks its {mark.decode()} placeholder")
+            source = source.replace(mark, path.encode("utf-8"))
+        return cls.of(source)
 
     @classmethod
     def of(cls, source: bytes) -> Script:

@@ -12,7 +12,11 @@
   var OUTBOX_SIZE = 200;
   var link = d.createElement("a");
   link.href = tag.src;
-  var endpoint = setting("endpoint") || link.protocol + "//" + link.host + "{{EVENT_PATH}}";
+  // Behind a reverse proxy the script may live under a prefix (/c/s.js): so do the events.
+  // (split, not slice by length: the minifier would fold the placeholder's length.)
+  var parts = link.pathname.split("{{SCRIPT_PATH}}");
+  var prefix = parts.length === 2 && !parts[1] ? parts[0] : "";
+  var endpoint = setting("endpoint") || link.protocol + "//" + link.host + prefix + "{{EVENT_PATH}}";
   var hashRouting = enabled("hash-routing");
   var userId = setting("user-id");
   var userHash = setting("user-hash");
