@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import jsonschema_rs
 from jsonschema import Draft202012Validator, SchemaError, ValidationError
 from referencing import Registry, Resource
 
@@ -159,6 +160,30 @@ def _packaged_schema(name: str) -> dict[str, Any]:
     return schema
 
 
+# Keywords whose meaning leans on a regular-expression or format library: the two
+# validators use different ones, so for schemas with these only jsonschema decides.
+_LIBRARY_DEPENDENT = frozenset({"pattern", "patternProperties", "format"})
+
+
+def _uses(schema: object, keywords: frozenset[str]) -> bool:
+    if isinstance(schema, dict):
+        return any(k in keywords or _uses(v, keywords) for k, v in schema.items())
+    if isinstance(schema, list):
+        return any(_uses(item, keywords) for item in schema)
+    return False
+
+
+def fast_validator(schema: object) -> Callable[[object], bool] | None:
+    """jsonschema-rs' yes/no for a user's schema, unless its answer could differ."""
+    if not isinstance(schema, dict) or _uses(schema, _LIBRARY_DEPENDENT):
+        return None
+    try:
+        validator: Callable[[object], bool] = jsonschema_rs.validator_for(schema).is_valid
+    except Exception:  # a schema jsonschema accepts but jsonschema-rs does not: no fast path
+        return None
+    return validator
+
+
 def load_schema_file(path: Path) -> tuple[str, Draft202012Validator]:
     """One event's schema file: the event it names (`x-event` or the stem) and its validator."""
     try:
@@ -228,7 +253,23 @@ class EventValidator:
                 packaged["outbound_identify"], registry=registry
             ),
         }
+        # jsonschema-rs answers "valid?" in about a microsecond; jsonschema stays the
+        # authority and writes every error, so it runs whenever the fast answer is "no".
+        fast_registry = jsonschema_rs.Registry([(s["$id"], s) for s in packaged.values()])
+        names: dict[Kind, str] = {
+            "event": "envelope",
+            "outbound_track": "outbound_track",
+            "outbound_identify": "outbound_identify",
+        }
+        self._fast: dict[Kind, Callable[[object], bool]] = {
+            kind: jsonschema_rs.validator_for(packaged[name], registry=fast_registry).is_valid
+            for kind, name in names.items()
+        }
         self._event_schemas = dict(event_schemas)
+        self._fast_events = {
+            name: fast_validator(validator.schema)
+            for name, validator in self._event_schemas.items()
+        }
         self._shape = shape or Shape()
         self.server_only = frozenset(
             name
@@ -245,8 +286,9 @@ class EventValidator:
         if not isinstance(event, dict):
             return [Problem("", f"an event must be a JSON object, not {_type_of(event)}")]
         found: list[Problem] = []
-        for error in self._envelopes[kind].iter_errors(event):
-            found.extend(describe(error))
+        if not self._fast[kind](event):
+            for error in self._envelopes[kind].iter_errors(event):
+                found.extend(describe(error))
         for key in ("properties", "traits", "attributes", "group_attributes"):
             problem = shape_problem(event.get(key), self._shape, (key,))
             if problem is not None:
@@ -255,7 +297,8 @@ class EventValidator:
             name = event.get("event")
             properties = event.get("properties", {})
             validator = self._event_schemas.get(name) if isinstance(name, str) else None
-            if validator is not None:
+            fast = self._fast_events.get(name) if isinstance(name, str) else None
+            if validator is not None and not (fast and fast(properties)):
                 for error in validator.iter_errors(properties):
                     found.extend(describe(error, ("properties",)))
         return _deduplicated(found)

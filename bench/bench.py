@@ -1,0 +1,477 @@
+"""The collector's speed and memory beside a bare aiohttp baseline, measured in one run.
+
+Run it with `bench/run` (which installs wrk and what this needs); `--smoke` makes every
+step last a second or so, for CI. Everything talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PYTHON = sys.executable
+CONNECTIONS = 32
+TICKS = os.sysconf("SC_CLK_TCK")
+
+EVENT = {
+    "type": "track",
+    "event": "renewMembership",
+    "properties": {"plan": "gold", "total": "45.00", "membership": {"valid": True}},
+    "anonymous_id": "8c6f0c52-5d5e-4a4e-9d1f-6f2b1f9f2a10",
+    "timestamp": 1764187200.123,
+    "context": {
+        "url": "https://www.example.com/account/renew?ref=mail",
+        "path": "/account/renew",
+        "title": "Renew your membership",
+        "referrer": "https://www.example.com/account",
+        "locale": "en-GB",
+        "screen": "1440x900",
+    },
+}
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "plan": {"enum": ["bronze", "silver", "gold"]},
+        "total": {"type": "string", "pattern": "^[0-9]+\\.[0-9]{2}$"},
+        "membership": {"type": "object", "properties": {"valid": {"type": "boolean"}}},
+    },
+    "required": ["plan"],
+}
+SEED = {
+    "event": "renewMembership",
+    "user_id": "u123",
+    "properties": {"membership_valid": True, "membership_renewalDate": "2018-06-12", "plan": "gold"},
+    "timestamp": 1529366403,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@dataclass
+class Process:
+    """A server under test, with its CPU time and peak memory read from /proc."""
+
+    popen: subprocess.Popen[bytes]
+    port: int
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def memory(self, field_name: str) -> float:
+        """VmRSS (now) or VmHWM (peak) in MB."""
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+
+
+def start(command: list[str], port: int, env: dict[str, str] | None = None) -> Process:
+    popen = subprocess.Popen(
+        command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for_port(port)
+    return Process(popen, port)
+
+
+def start_outbound(delay: float = 0.0) -> Process:
+    port = free_port()
+    return start([PYTHON, str(BENCH / "servers.py"), "outbound", str(port), str(delay)], port)
+
+
+def outbound_call(port: int, path: str, body: bytes | None = None) -> Any:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body)
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
+        raw = response.read()
+        return json.loads(raw) if raw else None
+
+
+def start_collector(
+    data_dir: Path, schemas: Path, outbound_port: int, extra: list[str] | None = None
+) -> Process:
+    port = free_port()
+    env = {
+        "OUTBOUND_API_KEY": "bench-key",
+        "COLLECTOR_OUTBOUND_URL": f"http://127.0.0.1:{outbound_port}",
+        "COLLECTOR_LOG_LEVEL": "warning",
+    }
+    command = [PYTHON, "-m", "collector", "serve", "--port", str(port)]
+    command += ["--data-dir", str(data_dir), "--schemas-dir", str(schemas)]
+    command += ["--rate-limit-per-ip", "0", "--rate-limit-per-user", "0", *(extra or [])]
+    return start(command, port, env)
+
+
+def lua(body: bytes, path: str, content_type: str, unique: bool, rate: float | None) -> str:
+    """A wrk script posting `body`, with a fresh message id per request when `unique`."""
+    text = body.decode()
+    lines = [
+        f'wrk.method = "POST"',
+        f'wrk.path = "{path}"',
+        f'wrk.headers["Content-Type"] = "{content_type}"',
+    ]
+    if unique:
+        lines += [
+            f"local body = [==[{text}]==]",
+            "local counter = 0",
+            "request = function()",
+            "  counter = counter + 1",
+            '  local id = string.format("%d-%d-%d", math.random(1, 1000000000), counter, os.time())',
+            '  return wrk.format(nil, nil, nil, (body:gsub("MESSAGE_ID", id)))',
+            "end",
+        ]
+    else:
+        lines.append(f"wrk.body = [==[{text}]==]")
+    if rate:
+        # wrk keeps every connection busy; a delay between requests paces it at `rate`.
+        lines.append(f"delay = function() return {CONNECTIONS * 1000 / rate:.3f} end")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Load:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def run_wrk(port: int, script: str, seconds: float, directory: Path) -> Load:
+    path = directory / f"load-{time.monotonic_ns()}.lua"
+    path.write_text(script)
+    output = subprocess.run(
+        ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency",
+         "-s", str(path), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+
+    def latency(percent: str) -> float:
+        match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return Load(rps, latency("50"), latency("99"), total, int(bad.group(1)) if bad else 0)
+
+
+@dataclass
+class Row:
+    name: str
+    events_per_request: int
+    full: Load
+    half: Load
+    cpu_per_10k: float
+    peak_rss_mb: float
+    baseline: Load | None = None
+
+    @property
+    def events_per_second(self) -> float:
+        return self.full.requests_per_second * self.events_per_request
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    relay: list[dict[str, Any]] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+    script_gzip_bytes: int = 0
+
+
+def beacon(events: int) -> bytes:
+    """What the script sends: a batch with a sent_at; each request fills in fresh ids."""
+    batch = [{**EVENT, "message_id": f"MESSAGE_ID-{i}"} for i in range(events)]
+    return json.dumps({"batch": batch, "sent_at": 1764187200.5}, separators=(",", ":")).encode()
+
+
+def measure_ingest(work: Path, schemas: Path, seconds: float) -> list[Row]:
+    scenarios = [
+        ("single-event beacon (text/plain)", 1, beacon(1), "/e", "text/plain;charset=UTF-8", True),
+        ("batch of 20 events", 20, beacon(20), "/e", "text/plain;charset=UTF-8", True),
+        ("seed-shaped /v2/track", 1, json.dumps(SEED).encode(), "/v2/track", "application/json", False),
+    ]
+    rows = []
+    for name, events, body, path, content_type, unique in scenarios:
+        base_port = free_port()
+        baseline = start([PYTHON, str(BENCH / "servers.py"), "baseline", str(base_port)], base_port)
+        try:
+            base_full = run_wrk(base_port, lua(body, path, content_type, unique, None), seconds, work)
+        finally:
+            baseline.stop()
+        outbound = start_outbound()
+        # Outbound refuses while ingest is measured: the relay's circuit opens and stays
+        # quiet, so these figures are ingest alone. The relay has its own figures below.
+        outbound_call(outbound.port, "/mode", b"503")
+        collector = start_collector(
+            Path(tempfile.mkdtemp(dir=work)), schemas, outbound.port,
+            ["--breaker-threshold", "1", "--probe-interval", "3600"],
+        )
+        try:
+            run_wrk(collector.port, lua(body, path, content_type, unique, None), 1, work)  # warm-up
+            cpu_before = collector.cpu_seconds()
+            full = run_wrk(collector.port, lua(body, path, content_type, unique, None), seconds, work)
+            cpu = collector.cpu_seconds() - cpu_before
+            half = run_wrk(
+                collector.port,
+                lua(body, path, content_type, unique, full.requests_per_second / 2),
+                seconds,
+                work,
+            )
+            rows.append(
+                Row(
+                    name, events, full, half,
+                    cpu_per_10k=cpu / max(1, full.requests * events) * 10_000,
+                    peak_rss_mb=collector.memory("VmHWM"),
+                    baseline=base_full,
+                )
+            )
+        finally:
+            collector.stop()
+            outbound.stop()
+    return rows
+
+
+def prefill(data_dir: Path, events: int, users: int) -> None:
+    """Queue `events` events directly, as if Outbound had been down while they came in."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from collector.queue import SQLiteQueue
+
+    async def fill() -> None:
+        queue = SQLiteQueue(
+            data_dir / "queue.sqlite3", dedupe_window=0, max_events=10**8, max_bytes=10**12
+        )
+        await queue.open()
+        now = time.time()
+        for start_at in range(0, events, 5000):
+            await queue.put([
+                {
+                    **EVENT,
+                    "message_id": f"q{n}",
+                    "anonymous_id": f"user-{n % users}",
+                    "user_id": None,
+                    "received_at": now,
+                    "traits": {},
+                    "ip": "203.0.113.0",
+                    "user_agent": "Mozilla/5.0",
+                    "origin": "https://www.example.com",
+                }
+                for n in range(start_at, min(events, start_at + 5000))
+            ])
+        await queue.close()
+
+    asyncio.run(fill())
+
+
+def drain(work: Path, schemas: Path, events: int, delay: float, concurrency: int) -> dict[str, Any]:
+    data_dir = Path(tempfile.mkdtemp(dir=work))
+    users = max(concurrency * 8, 1000)
+    prefill(data_dir, events, users)
+    outbound = start_outbound(delay)
+    started = time.monotonic()
+    collector = start_collector(
+        data_dir, schemas, outbound.port,
+        ["--relay-concurrency", str(concurrency), "--relay-timeout", "10", "--lease-seconds", "60"],
+    )
+    try:
+        while outbound_call(outbound.port, "/count")["tracks"] < events:
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        calls = outbound_call(outbound.port, "/count")["calls"]
+    finally:
+        collector.stop()
+        outbound.stop()
+    limit = concurrency / delay if delay else None
+    rate = events / elapsed
+    return {
+        "name": f"drain {events:,} events, Outbound answers {'at once' if not delay else f'after {delay * 1000:.0f} ms'}",
+        "concurrency": concurrency,
+        "events_per_second": rate,
+        "calls_per_second": calls / elapsed,
+        "limit": limit,
+        "ratio_to_limit": (calls / elapsed) / limit if limit else None,
+    }
+
+
+def memory_flat(work: Path, schemas: Path, events: int, seconds: float) -> dict[str, Any]:
+    data_dir = Path(tempfile.mkdtemp(dir=work))
+    prefill(data_dir, events, 5000)
+    outbound = start_outbound()
+    outbound_call(outbound.port, "/mode", b"503")
+    collector = start_collector(data_dir, schemas, outbound.port, ["--breaker-threshold", "3", "--probe-interval", "1"])
+    waiting, draining = [], []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            waiting.append(collector.memory("VmRSS"))
+            time.sleep(0.5)
+        outbound_call(outbound.port, "/mode", b"200")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            draining.append(collector.memory("VmRSS"))
+            time.sleep(0.5)
+        drained = outbound_call(outbound.port, "/count")["tracks"]
+        peak = collector.memory("VmHWM")
+    finally:
+        collector.stop()
+        outbound.stop()
+    return {
+        "queued": events,
+        "rss_waiting_mb": (min(waiting), max(waiting)),
+        "rss_draining_mb": (min(draining), max(draining)),
+        "drained_while_sampled": drained,
+        "peak_rss_mb": peak,
+    }
+
+
+def script_size() -> int:
+    sys.path.insert(0, str(ROOT / "src"))
+    from collector.script import Script
+
+    return len(Script.packaged().gzipped)
+
+
+def table(results: Results) -> str:
+    out = ["| scenario | req/s | events/s | baseline req/s | ratio | p50 / p99 full (ms) | p50 / p99 half (ms) | CPU s / 10k events | peak RSS (MB) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for row in results.rows:
+        base = row.baseline
+        ratio = row.full.requests_per_second / base.requests_per_second if base else float("nan")
+        out.append(
+            f"| {row.name} | {row.full.requests_per_second:,.0f} | {row.events_per_second:,.0f} | "
+            f"{base.requests_per_second if base else 0:,.0f} | {ratio:.2f} | "
+            f"{row.full.p50_ms:.2f} / {row.full.p99_ms:.2f} | {row.half.p50_ms:.2f} / {row.half.p99_ms:.2f} | "
+            f"{row.cpu_per_10k:.2f} | {row.peak_rss_mb:.0f} |"
+        )
+    out += ["", "| relay | concurrency | events/s | calls/s | limit (concurrency ÷ latency) | ratio |", "|---|---|---|---|---|---|"]
+    for relay in results.relay:
+        limit = f"{relay['limit']:,.0f} calls/s" if relay["limit"] else "-"
+        ratio = f"{relay['ratio_to_limit']:.2f}" if relay["ratio_to_limit"] else "-"
+        out.append(
+            f"| {relay['name']} | {relay['concurrency']} | {relay['events_per_second']:,.0f} | "
+            f"{relay['calls_per_second']:,.0f} | {limit} | {ratio} |"
+        )
+    m = results.memory
+    if m:
+        out += ["", f"Memory with {m['queued']:,} queued events: RSS {m['rss_waiting_mb'][0]:.0f}–{m['rss_waiting_mb'][1]:.0f} MB "
+                f"while they wait, {m['rss_draining_mb'][0]:.0f}–{m['rss_draining_mb'][1]:.0f} MB while they drain "
+                f"({m['drained_while_sampled']:,} sent meanwhile); peak {m['peak_rss_mb']:.0f} MB."]
+    out += ["", f"Script: {results.script_gzip_bytes} bytes gzipped (budget 2,000)."]
+    return "\n".join(out)
+
+
+def chart(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row.name for row in results.rows]
+    collector = [row.full.requests_per_second for row in results.rows]
+    baseline = [row.baseline.requests_per_second if row.baseline else 0 for row in results.rows]
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    positions = range(len(names))
+    axis.bar([p - 0.2 for p in positions], baseline, 0.4, label="bare aiohttp baseline (read body, 204)")
+    axis.bar([p + 0.2 for p in positions], collector, 0.4, label="collector (validate, enrich, durable commit)")
+    for p, (c, b) in enumerate(zip(collector, baseline, strict=True)):
+        axis.text(p + 0.2, c, f"{c / b:.2f}×" if b else "", ha="center", va="bottom")
+    axis.set_xticks(list(positions), names)
+    axis.set_ylabel("requests per second (wrk, 1 thread, 32 connections)")
+    axis.set_title("Ingest against the baseline, same machine, same run")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def write_results(results: Results, path: Path, smoke: bool) -> None:
+    versions = subprocess.run([PYTHON, "-c", "import aiohttp, jsonschema, orjson; print(aiohttp.__version__, jsonschema.__version__, orjson.__version__)"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.splitlines()[0]
+    header = [
+        "# Benchmark results",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `bench/run`{' --smoke (a smoke run: figures not meaningful)' if smoke else ''}.",
+        "",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        f"- Python {platform.python_version()}, aiohttp {versions[0]}, jsonschema {versions[1]}, orjson {versions[2]}; {wrk.strip()}",
+        f"- Load: wrk, 1 thread, {CONNECTIONS} connections, on 127.0.0.1; half load is wrk paced at half the measured maximum.",
+        "- Ingest runs with a per-event schema in force and Outbound refusing, so the relay's circuit is open and quiet: the figures are ingest alone. The relay is measured by draining a prefilled queue.",
+        "",
+        "![ingest against the baseline](ingest.png)",
+        "",
+    ]
+    path.write_text("\n".join(header) + table(results) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds in all, for CI")
+    parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md and ingest.png go")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("bench: wrk is missing (bench/run installs it)")
+    seconds = 1.0 if args.smoke else 10.0
+    with tempfile.TemporaryDirectory(prefix="collector-bench-") as temp:
+        work = Path(temp)
+        schemas = work / "schemas"
+        schemas.mkdir()
+        (schemas / "renewMembership.json").write_text(json.dumps(SCHEMA))
+        results = Results(script_gzip_bytes=script_size())
+        results.rows = measure_ingest(work, schemas, seconds)
+        results.relay = [
+            drain(work, schemas, 2_000 if args.smoke else 100_000, 0.0, 16),
+            drain(work, schemas, 500 if args.smoke else 20_000, 0.05, 16 if args.smoke else 64),
+        ]
+        results.memory = memory_flat(work, schemas, 20_000 if args.smoke else 1_000_000, 2 if args.smoke else 15)
+    print(table(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_results(results, args.out / "RESULTS.md", args.smoke)
+    chart(results, args.out / "ingest.png")
+    print(f"\nwrote {args.out / 'RESULTS.md'} and {args.out / 'ingest.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Processes the benchmark runs beside the collector: the baseline and a fake Outbound.
+
+    python bench/servers.py baseline PORT
+    python bench/servers.py outbound PORT DELAY_SECONDS
+
+The baseline is the ceiling: a bare aiohttp app in the same Python, one process, access
+log off, whose handler reads the body and answers 204. The fake Outbound answers every
+call (after DELAY_SECONDS), counts them, and fails on demand (POST /mode with a status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from aiohttp import web
+
+
+def baseline(port: int) -> None:
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def outbound(port: int, delay: float) -> None:
+    state = {"calls": 0, "tracks": 0, "status": 200}
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        if delay:
+            await asyncio.sleep(delay)
+        if state["status"] != 200:
+            return web.Response(status=state["status"])
+        state["calls"] += 1
+        if request.match_info["endpoint"] == "track":
+            state["tracks"] += 1
+        return web.Response(status=200)
+
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    async def mode(request: web.Request) -> web.Response:
+        state["status"] = int(await request.text())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/v2/{endpoint}", handle)
+    app.router.add_get("/count", count)
+    app.router.add_post("/mode", mode)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    kind, port = sys.argv[1], int(sys.argv[2])
+    if kind == "baseline":
+        baseline(port)
+    else:
+        outbound(port, float(sys.argv[3]))
