@@ -125,6 +125,18 @@ ORDER BY id LIMIT :limit
 """
 
 
+_INSERT_EVENT = (
+    "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+_INSERT_FRESH_EVENT = (
+    "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
+    " SELECT ?1, ?2, ?3, ?4, ?5"
+    " WHERE NOT EXISTS (SELECT 1 FROM received WHERE message_id = ?2)"
+)
+_REMEMBER = "INSERT OR IGNORE INTO received (message_id, received_at) VALUES (?, ?)"
+
+
 def user_key(record: Record) -> str:
     return str(record.get("user_id") or record.get("anonymous_id") or "")
 
@@ -297,46 +309,49 @@ class SQLiteQueue:
         return results
 
     async def put(self, records: Sequence[Record]) -> int:
+        window = self._dedupe_window
+        # A message id twice in one put is a resend too; keep the first.
+        unique = {r["message_id"]: r for r in reversed(records)} if window > 0 else None
+        kept = list(reversed(unique.values())) if unique is not None else records
         rows = [
             (user_key(r), r["message_id"], r["received_at"], r["received_at"], orjson.dumps(r))
-            for r in records
+            for r in kept
         ]
-        window = self._dedupe_window
         now = max((r["received_at"] for r in records), default=0.0)
         prune = window > 0 and now - self._pruned_at > min(window, 60.0)
         if prune:
             self._pruned_at = now
 
+        size = sum(len(row[4]) for row in rows)
+
         def insert(connection: sqlite3.Connection) -> int:
-            size = sum(len(row[4]) for row in rows)
             if self.depth + len(rows) > self._max_events or self.bytes + size > self._max_bytes:
                 return -1
-            fresh = rows
-            if window > 0:
-                if prune:
-                    connection.execute(
-                        "DELETE FROM received WHERE received_at < ?", (now - window,)
-                    )
-                fresh = [
-                    row
-                    for row in rows
-                    if connection.execute(
-                        "INSERT OR IGNORE INTO received (message_id, received_at) VALUES (?, ?)",
-                        (row[1], row[2]),
-                    ).rowcount
-                ]
-            connection.executemany(
-                "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
-                " VALUES (?, ?, ?, ?, ?)",
-                fresh,
-            )
-            self._counted(len(fresh), sum(len(row[4]) for row in fresh))
-            return len(rows) - len(fresh)
+            before = connection.total_changes
+            if window <= 0:
+                connection.executemany(_INSERT_EVENT, rows)
+                self._counted(len(rows), size)
+                return 0
+            if prune:
+                connection.execute("DELETE FROM received WHERE received_at < ?", (now - window,))
+                before = connection.total_changes
+            # Two statements for the whole put, so the writer thread runs little Python.
+            connection.executemany(_INSERT_FRESH_EVENT, rows)
+            stored = connection.total_changes - before
+            connection.executemany(_REMEMBER, [(row[1], row[2]) for row in rows])
+            if stored == len(rows):
+                self._counted(stored, size)
+            else:
+                self.bytes, self.depth = connection.execute(
+                    "SELECT COALESCE(SUM(LENGTH(body)), 0), COUNT(*) FROM events"
+                ).fetchone()
+            return len(rows) - stored
 
         duplicates: int = await self._submit(insert, stores=True)
         if duplicates < 0:
             raise QueueFull(f"the queue is full ({self.depth} events, {self.bytes} bytes)")
-        self.stored += len(rows) - duplicates
+        duplicates += len(records) - len(rows)
+        self.stored += len(records) - duplicates
         self.duplicates += duplicates
         return duplicates
 
