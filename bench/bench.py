@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import os
 import platform
@@ -58,7 +57,11 @@ SCHEMA = {
 SEED = {
     "event": "renewMembership",
     "user_id": "u123",
-    "properties": {"membership_valid": True, "membership_renewalDate": "2018-06-12", "plan": "gold"},
+    "properties": {
+        "membership_valid": True,
+        "membership_renewalDate": "2018-06-12",
+        "plan": "gold",
+    },
     "timestamp": 1529366403,
 }
 
@@ -109,7 +112,10 @@ class Process:
 
 def start(command: list[str], port: int, env: dict[str, str] | None = None) -> Process:
     popen = subprocess.Popen(
-        command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_for_port(port)
     return Process(popen, port)
@@ -146,7 +152,7 @@ def lua(body: bytes, path: str, content_type: str, unique: bool, rate: float | N
     """A wrk script posting `body`, with a fresh message id per request when `unique`."""
     text = body.decode()
     lines = [
-        f'wrk.method = "POST"',
+        'wrk.method = "POST"',
         f'wrk.path = "{path}"',
         f'wrk.headers["Content-Type"] = "{content_type}"',
     ]
@@ -156,7 +162,7 @@ def lua(body: bytes, path: str, content_type: str, unique: bool, rate: float | N
             "local counter = 0",
             "request = function()",
             "  counter = counter + 1",
-            '  local id = string.format("%d-%d-%d", math.random(1, 1000000000), counter, os.time())',
+            '  local id = string.format("%d-%d-%d", math.random(1, 1e9), counter, os.time())',
             '  return wrk.format(nil, nil, nil, (body:gsub("MESSAGE_ID", id)))',
             "end",
         ]
@@ -184,9 +190,19 @@ def run_wrk(port: int, script: str, seconds: float, directory: Path) -> Load:
     path = directory / f"load-{time.monotonic_ns()}.lua"
     path.write_text(script)
     output = subprocess.run(
-        ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency",
-         "-s", str(path), f"http://127.0.0.1:{port}"],
-        capture_output=True, text=True, check=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{CONNECTIONS}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(path),
+            f"http://127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
     def latency(percent: str) -> float:
@@ -232,14 +248,23 @@ def measure_ingest(work: Path, schemas: Path, seconds: float) -> list[Row]:
     scenarios = [
         ("single-event beacon (text/plain)", 1, beacon(1), "/e", "text/plain;charset=UTF-8", True),
         ("batch of 20 events", 20, beacon(20), "/e", "text/plain;charset=UTF-8", True),
-        ("seed-shaped /v2/track", 1, json.dumps(SEED).encode(), "/v2/track", "application/json", False),
+        (
+            "seed-shaped /v2/track",
+            1,
+            json.dumps(SEED).encode(),
+            "/v2/track",
+            "application/json",
+            False,
+        ),
     ]
     rows = []
     for name, events, body, path, content_type, unique in scenarios:
         base_port = free_port()
         baseline = start([PYTHON, str(BENCH / "servers.py"), "baseline", str(base_port)], base_port)
         try:
-            base_full = run_wrk(base_port, lua(body, path, content_type, unique, None), seconds, work)
+            base_full = run_wrk(
+                base_port, lua(body, path, content_type, unique, None), seconds, work
+            )
         finally:
             baseline.stop()
         outbound = start_outbound()
@@ -247,13 +272,17 @@ def measure_ingest(work: Path, schemas: Path, seconds: float) -> list[Row]:
         # quiet, so these figures are ingest alone. The relay has its own figures below.
         outbound_call(outbound.port, "/mode", b"503")
         collector = start_collector(
-            Path(tempfile.mkdtemp(dir=work)), schemas, outbound.port,
+            Path(tempfile.mkdtemp(dir=work)),
+            schemas,
+            outbound.port,
             ["--breaker-threshold", "1", "--probe-interval", "3600"],
         )
         try:
             run_wrk(collector.port, lua(body, path, content_type, unique, None), 1, work)  # warm-up
             cpu_before = collector.cpu_seconds()
-            full = run_wrk(collector.port, lua(body, path, content_type, unique, None), seconds, work)
+            full = run_wrk(
+                collector.port, lua(body, path, content_type, unique, None), seconds, work
+            )
             cpu = collector.cpu_seconds() - cpu_before
             half = run_wrk(
                 collector.port,
@@ -263,7 +292,10 @@ def measure_ingest(work: Path, schemas: Path, seconds: float) -> list[Row]:
             )
             rows.append(
                 Row(
-                    name, events, full, half,
+                    name,
+                    events,
+                    full,
+                    half,
                     cpu_per_10k=cpu / max(1, full.requests * events) * 10_000,
                     peak_rss_mb=collector.memory("VmHWM"),
                     baseline=base_full,
@@ -287,20 +319,22 @@ def prefill(data_dir: Path, events: int, users: int) -> None:
         await queue.open()
         now = time.time()
         for start_at in range(0, events, 5000):
-            await queue.put([
-                {
-                    **EVENT,
-                    "message_id": f"q{n}",
-                    "anonymous_id": f"user-{n % users}",
-                    "user_id": None,
-                    "received_at": now,
-                    "traits": {},
-                    "ip": "203.0.113.0",
-                    "user_agent": "Mozilla/5.0",
-                    "origin": "https://www.example.com",
-                }
-                for n in range(start_at, min(events, start_at + 5000))
-            ])
+            await queue.put(
+                [
+                    {
+                        **EVENT,
+                        "message_id": f"q{n}",
+                        "anonymous_id": f"user-{n % users}",
+                        "user_id": None,
+                        "received_at": now,
+                        "traits": {},
+                        "ip": "203.0.113.0",
+                        "user_agent": "Mozilla/5.0",
+                        "origin": "https://www.example.com",
+                    }
+                    for n in range(start_at, min(events, start_at + 5000))
+                ]
+            )
         await queue.close()
 
     asyncio.run(fill())
@@ -313,7 +347,9 @@ def drain(work: Path, schemas: Path, events: int, delay: float, concurrency: int
     outbound = start_outbound(delay)
     started = time.monotonic()
     collector = start_collector(
-        data_dir, schemas, outbound.port,
+        data_dir,
+        schemas,
+        outbound.port,
         ["--relay-concurrency", str(concurrency), "--relay-timeout", "10", "--lease-seconds", "60"],
     )
     try:
@@ -327,7 +363,8 @@ def drain(work: Path, schemas: Path, events: int, delay: float, concurrency: int
     limit = concurrency / delay if delay else None
     rate = events / elapsed
     return {
-        "name": f"drain {events:,} events, Outbound answers {'at once' if not delay else f'after {delay * 1000:.0f} ms'}",
+        "name": f"drain {events:,} events, Outbound answers "
+        + ("at once" if not delay else f"after {delay * 1000:.0f} ms"),
         "concurrency": concurrency,
         "events_per_second": rate,
         "calls_per_second": calls / elapsed,
@@ -341,7 +378,9 @@ def memory_flat(work: Path, schemas: Path, events: int, seconds: float) -> dict[
     prefill(data_dir, events, 5000)
     outbound = start_outbound()
     outbound_call(outbound.port, "/mode", b"503")
-    collector = start_collector(data_dir, schemas, outbound.port, ["--breaker-threshold", "3", "--probe-interval", "1"])
+    collector = start_collector(
+        data_dir, schemas, outbound.port, ["--breaker-threshold", "3", "--probe-interval", "1"]
+    )
     waiting, draining = [], []
     try:
         end = time.monotonic() + seconds
@@ -375,18 +414,25 @@ def script_size() -> int:
 
 
 def table(results: Results) -> str:
-    out = ["| scenario | req/s | events/s | baseline req/s | ratio | p50 / p99 full (ms) | p50 / p99 half (ms) | CPU s / 10k events | peak RSS (MB) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| scenario | req/s | events/s | baseline req/s | ratio | p50 / p99 full (ms) "
+        "| p50 / p99 half (ms) | CPU s / 10k events | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in results.rows:
-        base = row.baseline
-        ratio = row.full.requests_per_second / base.requests_per_second if base else float("nan")
+        base = row.baseline.requests_per_second if row.baseline else float("nan")
+        full, half = row.full, row.half
         out.append(
-            f"| {row.name} | {row.full.requests_per_second:,.0f} | {row.events_per_second:,.0f} | "
-            f"{base.requests_per_second if base else 0:,.0f} | {ratio:.2f} | "
-            f"{row.full.p50_ms:.2f} / {row.full.p99_ms:.2f} | {row.half.p50_ms:.2f} / {row.half.p99_ms:.2f} | "
+            f"| {row.name} | {full.requests_per_second:,.0f} | {row.events_per_second:,.0f} | "
+            f"{base:,.0f} | {full.requests_per_second / base:.2f} | "
+            f"{full.p50_ms:.2f} / {full.p99_ms:.2f} | {half.p50_ms:.2f} / {half.p99_ms:.2f} | "
             f"{row.cpu_per_10k:.2f} | {row.peak_rss_mb:.0f} |"
         )
-    out += ["", "| relay | concurrency | events/s | calls/s | limit (concurrency ÷ latency) | ratio |", "|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "| relay | concurrency | events/s | calls/s | limit (concurrency ÷ latency) | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for relay in results.relay:
         limit = f"{relay['limit']:,.0f} calls/s" if relay["limit"] else "-"
         ratio = f"{relay['ratio_to_limit']:.2f}" if relay["ratio_to_limit"] else "-"
@@ -396,9 +442,13 @@ def table(results: Results) -> str:
         )
     m = results.memory
     if m:
-        out += ["", f"Memory with {m['queued']:,} queued events: RSS {m['rss_waiting_mb'][0]:.0f}–{m['rss_waiting_mb'][1]:.0f} MB "
-                f"while they wait, {m['rss_draining_mb'][0]:.0f}–{m['rss_draining_mb'][1]:.0f} MB while they drain "
-                f"({m['drained_while_sampled']:,} sent meanwhile); peak {m['peak_rss_mb']:.0f} MB."]
+        waiting, draining = m["rss_waiting_mb"], m["rss_draining_mb"]
+        out += [
+            "",
+            f"Memory with {m['queued']:,} queued events: RSS {waiting[0]:.0f}–{waiting[1]:.0f} MB"
+            f" while they wait, {draining[0]:.0f}–{draining[1]:.0f} MB while they drain"
+            f" ({m['drained_while_sampled']:,} sent meanwhile); peak {m['peak_rss_mb']:.0f} MB.",
+        ]
     out += ["", f"Script: {results.script_gzip_bytes} bytes gzipped (budget 2,000)."]
     return "\n".join(out)
 
@@ -414,8 +464,15 @@ def chart(results: Results, path: Path) -> None:
     baseline = [row.baseline.requests_per_second if row.baseline else 0 for row in results.rows]
     figure, axis = plt.subplots(figsize=(9, 4.5))
     positions = range(len(names))
-    axis.bar([p - 0.2 for p in positions], baseline, 0.4, label="bare aiohttp baseline (read body, 204)")
-    axis.bar([p + 0.2 for p in positions], collector, 0.4, label="collector (validate, enrich, durable commit)")
+    axis.bar(
+        [p - 0.2 for p in positions], baseline, 0.4, label="bare aiohttp baseline (read body, 204)"
+    )
+    axis.bar(
+        [p + 0.2 for p in positions],
+        collector,
+        0.4,
+        label="collector (validate, enrich, durable commit)",
+    )
     for p, (c, b) in enumerate(zip(collector, baseline, strict=True)):
         axis.text(p + 0.2, c, f"{c / b:.2f}×" if b else "", ha="center", va="bottom")
     axis.set_xticks(list(positions), names)
@@ -427,18 +484,33 @@ def chart(results: Results, path: Path) -> None:
 
 
 def write_results(results: Results, path: Path, smoke: bool) -> None:
-    versions = subprocess.run([PYTHON, "-c", "import aiohttp, jsonschema, orjson; print(aiohttp.__version__, jsonschema.__version__, orjson.__version__)"],
-                              capture_output=True, text=True, check=True).stdout.split()
-    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.splitlines()[0]
+    versions = subprocess.run(
+        [
+            PYTHON,
+            "-c",
+            "import aiohttp as a, jsonschema as j, orjson as o; "
+            "print(a.__version__, j.__version__, o.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = [
         "# Benchmark results",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `bench/run`{' --smoke (a smoke run: figures not meaningful)' if smoke else ''}.",
+        f"Measured {when} with `bench/run`"
+        + (" --smoke (a smoke run: the figures mean nothing)." if smoke else "."),
         "",
         f"- Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        f"- Python {platform.python_version()}, aiohttp {versions[0]}, jsonschema {versions[1]}, orjson {versions[2]}; {wrk.strip()}",
-        f"- Load: wrk, 1 thread, {CONNECTIONS} connections, on 127.0.0.1; half load is wrk paced at half the measured maximum.",
-        "- Ingest runs with a per-event schema in force and Outbound refusing, so the relay's circuit is open and quiet: the figures are ingest alone. The relay is measured by draining a prefilled queue.",
+        f"- Python {platform.python_version()}, aiohttp {versions[0]}, jsonschema {versions[1]}, "
+        f"orjson {versions[2]}; {wrk.splitlines()[0].strip() if wrk else 'wrk'}",
+        f"- Load: wrk, 1 thread, {CONNECTIONS} connections, on 127.0.0.1; half load is wrk "
+        "paced at half the measured maximum.",
+        "- Ingest runs with a per-event schema in force and Outbound refusing, so the relay's "
+        "circuit is open and quiet: the figures are ingest alone. The relay is measured by "
+        "draining a prefilled queue.",
         "",
         "![ingest against the baseline](ingest.png)",
         "",
@@ -449,7 +521,9 @@ def write_results(results: Results, path: Path, smoke: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all, for CI")
-    parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md and ingest.png go")
+    parser.add_argument(
+        "--out", type=Path, default=BENCH, help="where RESULTS.md and ingest.png go"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is missing (bench/run installs it)")
@@ -465,7 +539,9 @@ def main() -> None:
             drain(work, schemas, 2_000 if args.smoke else 100_000, 0.0, 16),
             drain(work, schemas, 500 if args.smoke else 20_000, 0.05, 16 if args.smoke else 64),
         ]
-        results.memory = memory_flat(work, schemas, 20_000 if args.smoke else 1_000_000, 2 if args.smoke else 15)
+        results.memory = memory_flat(
+            work, schemas, 20_000 if args.smoke else 1_000_000, 2 if args.smoke else 15
+        )
     print(table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     write_results(results, args.out / "RESULTS.md", args.smoke)
