@@ -125,16 +125,19 @@ ORDER BY id LIMIT :limit
 """
 
 
-_INSERT_EVENT = (
+# One statement for all the events of a group commit, from a JSON array of
+# [user_key, message_id, received_at, body] rows: one call into SQLite, not one per event.
+_INSERT_EVENTS = (
     "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
-    " VALUES (?, ?, ?, ?, ?)"
+    " SELECT value->>0, value->>1, value->>2, value->>2, CAST(value->>3 AS BLOB)"
+    " FROM json_each(?)"
 )
-_INSERT_FRESH_EVENT = (
-    "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
-    " SELECT ?1, ?2, ?3, ?4, ?5"
-    " WHERE NOT EXISTS (SELECT 1 FROM received WHERE message_id = ?2)"
+_REMEMBER = (
+    "INSERT OR IGNORE INTO received (message_id, received_at)"
+    " SELECT value->>1, value->>2 FROM json_each(?)"
 )
-_REMEMBER = "INSERT OR IGNORE INTO received (message_id, received_at) VALUES (?, ?)"
+_KNOWN_IDS = "SELECT value FROM json_each(?) WHERE value IN (SELECT message_id FROM received)"
+Row = tuple[str, str, float, str]
 
 
 def user_key(record: Record) -> str:
@@ -142,6 +145,7 @@ def user_key(record: Record) -> str:
 
 
 Operation = Callable[[sqlite3.Connection], Any]
+PendingPut = tuple[list[Row], int, "asyncio.Future[int]"]
 Progress = Callable[[int], None]
 _LETTER_KEYS = ("id", "message_id", "reason", "status", "response", "attempts", "failed_at")
 
@@ -205,6 +209,7 @@ class SQLiteQueue:
         self._dedupe_window = dedupe_window
         self._pruned_at = 0.0
         self._pending: list[tuple[Operation, asyncio.Future[Any], bool]] = []
+        self._puts: list[PendingPut] = []
         self._work = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
@@ -276,84 +281,110 @@ class SQLiteQueue:
             await self._work.wait()
             self._work.clear()
             batch, self._pending = self._pending, []
-            if not batch:
+            puts, self._puts = self._puts, []
+            if not batch and not puts:
                 continue
             operations = [operation for operation, _, _ in batch]
+            futures = [future for _, future, _ in batch] + [future for _, _, future in puts]
             try:
-                results = await loop.run_in_executor(self._executor, self._transaction, operations)
+                results, stored = await loop.run_in_executor(
+                    self._executor, self._transaction, operations, puts
+                )
             except Exception as error:
                 self._healthy, self.last_error = False, f"{type(error).__name__}: {error}"
                 failure = QueueUnavailable(self.last_error)
-                for _, future, _ in batch:
+                for future in futures:
                     if not future.done():
                         future.set_exception(failure)
                 continue
-            if any(stores for _, _, stores in batch):
+            if puts or any(stores for _, _, stores in batch):
                 self._healthy, self.last_error = True, None
             self.commits += 1
-            for (_, future, _), result in zip(batch, results, strict=True):
+            for future, result in zip(futures, [*results, *stored], strict=True):
                 if not future.done():
                     future.set_result(result)
 
-    def _transaction(self, operations: list[Operation]) -> list[Any]:
+    def _transaction(
+        self, operations: list[Operation], puts: list[PendingPut]
+    ) -> tuple[list[Any], list[int]]:
         connection = self._connection
         assert connection is not None
+        depth, size = self.depth, self.bytes
         connection.execute("BEGIN IMMEDIATE")
         try:
             results = [operation(connection) for operation in operations]
+            stored = self._store(connection, puts) if puts else []
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
+            self.depth, self.bytes = depth, size  # nothing of it happened
             raise
-        return results
+        return results, stored
 
     async def put(self, records: Sequence[Record]) -> int:
-        window = self._dedupe_window
-        # A message id twice in one put is a resend too; keep the first.
-        unique = {r["message_id"]: r for r in reversed(records)} if window > 0 else None
-        kept = list(reversed(unique.values())) if unique is not None else records
+        # Everything per event happens here; the writer stores all the puts of a group
+        # commit with a few statements, so that it hardly needs the interpreter.
+        kept = records
+        if self._dedupe_window > 0:  # a message id twice in one put: keep the first
+            kept = list(reversed({r["message_id"]: r for r in reversed(records)}.values()))
         rows = [
-            (user_key(r), r["message_id"], r["received_at"], r["received_at"], orjson.dumps(r))
-            for r in kept
+            (user_key(r), r["message_id"], r["received_at"], orjson.dumps(r).decode()) for r in kept
         ]
-        now = max((r["received_at"] for r in records), default=0.0)
-        prune = window > 0 and now - self._pruned_at > min(window, 60.0)
-        if prune:
-            self._pruned_at = now
-
-        size = sum(len(row[4]) for row in rows)
-
-        def insert(connection: sqlite3.Connection) -> int:
-            if self.depth + len(rows) > self._max_events or self.bytes + size > self._max_bytes:
-                return -1
-            before = connection.total_changes
-            if window <= 0:
-                connection.executemany(_INSERT_EVENT, rows)
-                self._counted(len(rows), size)
-                return 0
-            if prune:
-                connection.execute("DELETE FROM received WHERE received_at < ?", (now - window,))
-                before = connection.total_changes
-            # Two statements for the whole put, so the writer thread runs little Python.
-            connection.executemany(_INSERT_FRESH_EVENT, rows)
-            stored = connection.total_changes - before
-            connection.executemany(_REMEMBER, [(row[1], row[2]) for row in rows])
-            if stored == len(rows):
-                self._counted(stored, size)
-            else:
-                self.bytes, self.depth = connection.execute(
-                    "SELECT COALESCE(SUM(LENGTH(body)), 0), COUNT(*) FROM events"
-                ).fetchone()
-            return len(rows) - stored
-
-        duplicates: int = await self._submit(insert, stores=True)
+        size = sum(len(row[3]) for row in rows)
+        if self._writer is None:
+            raise QueueUnavailable("the queue is closed")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._puts.append((rows, size, future))
+        self._work.set()
+        duplicates = await future
         if duplicates < 0:
             raise QueueFull(f"the queue is full ({self.depth} events, {self.bytes} bytes)")
         duplicates += len(records) - len(rows)
         self.stored += len(records) - duplicates
         self.duplicates += duplicates
         return duplicates
+
+    def _store(self, connection: sqlite3.Connection, puts: list[PendingPut]) -> list[int]:
+        """All the puts of one group commit: per put, its duplicates, or -1 when it did not fit."""
+        outcomes: list[int] = []
+        depth, size = self.depth, self.bytes
+        fitting: list[tuple[int, list[Row]]] = []
+        for rows, put_size, _ in puts:
+            if depth + len(rows) > self._max_events or size + put_size > self._max_bytes:
+                outcomes.append(-1)
+                continue
+            depth, size = depth + len(rows), size + put_size
+            fitting.append((len(outcomes), rows))
+            outcomes.append(0)
+        dedupe = self._dedupe_window > 0
+        seen: set[str] = set()
+        if dedupe and fitting:
+            ids = orjson.dumps([row[1] for _, rows in fitting for row in rows]).decode()
+            seen.update(m for (m,) in connection.execute(_KNOWN_IDS, (ids,)))
+        fresh: list[Row] = []
+        for index, rows in fitting:
+            for row in rows:
+                if not dedupe:
+                    fresh.append(row)
+                elif row[1] in seen:
+                    outcomes[index] += 1
+                else:
+                    seen.add(row[1])
+                    fresh.append(row)
+        if fresh:
+            payload = orjson.dumps(fresh).decode()
+            connection.execute(_INSERT_EVENTS, (payload,))
+            if self._dedupe_window > 0:
+                connection.execute(_REMEMBER, (payload,))
+            self._counted(len(fresh), sum(len(row[3]) for row in fresh))
+        now = max((row[2] for row in fresh), default=0.0)
+        if self._dedupe_window > 0 and now - self._pruned_at > min(self._dedupe_window, 60.0):
+            self._pruned_at = now
+            connection.execute(
+                "DELETE FROM received WHERE received_at < ?", (now - self._dedupe_window,)
+            )
+        return outcomes
 
     async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]:
         def select_and_lease(connection: sqlite3.Connection) -> list[Claimed]:
@@ -501,7 +532,7 @@ class SQLiteQueue:
             marks = ",".join("?" * len(ids))
             sizes = connection.execute(
                 "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
-                f" SELECT user_key, message_id, received_at, 0, body FROM dead_letters"
+                " SELECT user_key, message_id, received_at, 0, body FROM dead_letters"
                 f" WHERE id IN ({marks}) ORDER BY id RETURNING LENGTH(body)",
                 ids,
             ).fetchall()
