@@ -167,6 +167,13 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"schemas_dir: {error}")
     logs.configure(settings.log_level, settings.log_format)
     try:
+        import uvloop  # the `speed` extra: a faster event loop, used when installed
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        log.info("event loop: uvloop")
+    except ImportError:
+        pass
+    try:
         asyncio.run(_serve(app, settings))
     except OSError as error:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror}")
@@ -247,14 +254,20 @@ def script_tag(args: argparse.Namespace) -> int:
     return 0
 
 
-def dead_letters(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(flags={"data_dir": args.data_dir}, config_file=args.config)
-    except SettingsError as error:
-        return _fail(str(error))
+def _queue_file(args: argparse.Namespace) -> Path:
+    """The queue file in the data directory the arguments name; SettingsError when none."""
+    settings = load_settings(flags={"data_dir": args.data_dir}, config_file=args.config)
     path = settings.data_dir / QUEUE_FILE
     if not path.exists():
-        return _fail(f"data_dir: no queue at {str(path)!r}")
+        raise SettingsError("data_dir", f"no queue at {str(path)!r}")
+    return path
+
+
+def dead_letters(args: argparse.Namespace) -> int:
+    try:
+        path = _queue_file(args)
+    except SettingsError as error:
+        return _fail(str(error))
     which = DeadLetterFilter()
     if args.action != "show":
         which = DeadLetterFilter(tuple(args.id), args.reason, args.status, args.event)
@@ -353,12 +366,9 @@ def schemas_lint(args: argparse.Namespace) -> int:
 
 def stats(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(flags={"data_dir": args.data_dir}, config_file=args.config)
+        path = _queue_file(args)
     except SettingsError as error:
         return _fail(str(error))
-    path = settings.data_dir / QUEUE_FILE
-    if not path.exists():
-        return _fail(f"data_dir: no queue at {str(path)!r}")
     report = asyncio.run(_stats(path))
     if args.json:
         print(json.dumps(report, indent=2))
