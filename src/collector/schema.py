@@ -277,10 +277,6 @@ class EventValidator:
             if isinstance(v.schema, dict) and v.schema.get("x-server-only") is True
         )
 
-    @property
-    def event_names(self) -> frozenset[str]:
-        return frozenset(self._event_schemas)
-
     def problems(self, event: object, kind: Kind = "event") -> list[Problem]:
         """Every problem with one event; an empty list means it is valid."""
         if not isinstance(event, dict):
