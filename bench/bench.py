@@ -514,6 +514,7 @@ def write_results(results: Results, path: Path, smoke: bool) -> None:
         "",
         "![ingest against the baseline](ingest.png)",
         "",
+        "",
     ]
     path.write_text("\n".join(header) + table(results) + "\n")
 
