@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +41,7 @@ def event_time(
     return when, False
 
 
+@functools.lru_cache(maxsize=4096)  # the same few addresses come again and again
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -72,6 +73,7 @@ def is_bot(user_agent: str | None, pattern: re.Pattern[str] | None) -> bool:
     return bool(pattern and user_agent and pattern.search(user_agent))
 
 
+@functools.lru_cache(maxsize=4096)
 def truncated_ip(address: str | None) -> str | None:
     """The network of an address, not the host: IPv4 /24, IPv6 /48."""
     if address is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import secrets
@@ -16,6 +17,9 @@ from aiohttp.typedefs import Handler
 # Request-scoped, as contextvars are: each request's task sees its own id.
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Ids unique to this process and cheap to make: a random prefix and a counter.
+_ID_PREFIX = secrets.token_hex(4)
+_ID_COUNTER = itertools.count(1)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
@@ -63,7 +67,7 @@ async def request_ids(request: web.Request, handler: Handler) -> web.StreamRespo
     """Gives each request an id (the client's X-Request-ID when it is sane), logs it and
     answers it, so that a line in the log can be found from a response and back."""
     given = request.headers.get("X-Request-ID", "")
-    request_id = given if _SAFE_ID.fullmatch(given) else secrets.token_hex(8)
+    request_id = given if _SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
     token = REQUEST_ID.set(request_id)
     try:
         response = await handler(request)
