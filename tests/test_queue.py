@@ -195,3 +195,26 @@ async def test_bounds_refuse_a_put_whole_and_free_up_on_ack(tmp_path: Path) -> N
         assert (q.depth, (await q.stats()).depth) == (3, 3)
     finally:
         await q.close()
+
+
+async def test_a_replay_by_another_process_is_counted_by_the_serving_queue(
+    queue: SQLiteQueue,
+) -> None:
+    from collector.queue import DeadLetterFilter
+
+    await queue.put([rec("a", 1), rec("b", 1)])
+    [first, _] = await queue.claim(5, now=NOW, lease=60)
+    await queue.dead_letter(
+        first.id, reason="Outbound answered 400", status=400, response="", now=NOW
+    )
+    assert (await queue.stats()).depth == 1
+
+    tool = SQLiteQueue(queue.path, owner=False)  # what `dead-letters replay` opens
+    await tool.open()
+    try:
+        assert await tool.replay_dead_letters(DeadLetterFilter()) == 1
+    finally:
+        await tool.close()
+    stats = await queue.stats()
+    assert (stats.depth, stats.dead_letters) == (2, 0)
+    assert queue.depth == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ class Claimed:
 @dataclass(frozen=True, slots=True)
 class QueueStats:
     depth: int
-    oldest_received_at: float | None
+    oldest_received_at: float | None  # of the event first in line
     dead_letters: int
 
 
@@ -205,6 +206,7 @@ class SQLiteQueue:
         self.depth = 0  # events waiting, kept by the writer thread
         self.bytes = 0
         self.interrupted = 0  # events whose delivery a previous process did not finish
+        self._counted_at = 0.0  # when depth and bytes were last counted from the table
         self._synchronous = synchronous.upper()
         self._dedupe_window = dedupe_window
         self._pruned_at = 0.0
@@ -249,6 +251,7 @@ class SQLiteQueue:
         self.depth, self.bytes = connection.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM events"
         ).fetchone()
+        self._counted_at = time.time()
         return connection
 
     async def close(self) -> None:
@@ -475,13 +478,21 @@ class SQLiteQueue:
 
     async def stats(self) -> QueueStats:
         def read(connection: sqlite3.Connection) -> QueueStats:
-            depth, size, oldest = connection.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0), MIN(received_at) FROM events"
+            # Cheap enough for every /readyz and scrape: counters, the head of the line, and
+            # a recount of the events only after another process (a replay) changed them.
+            changed = connection.execute(
+                "SELECT value FROM meta WHERE key = 'events_changed_at'"
             ).fetchone()
-            # Another process (the dead-letters command) may have added events.
-            self.depth, self.bytes = depth, size
+            if changed is not None and orjson.loads(changed[0]) > self._counted_at:
+                self._counted_at = orjson.loads(changed[0])
+                self.depth, self.bytes = connection.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM events"
+                ).fetchone()
+            head = connection.execute(
+                "SELECT received_at FROM events ORDER BY id LIMIT 1"
+            ).fetchone()
             (dead,) = connection.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
-            return QueueStats(depth, oldest, dead)
+            return QueueStats(self.depth, None if head is None else head[0], dead)
 
         stats: QueueStats = await self._submit(read)
         return stats
@@ -540,7 +551,11 @@ class SQLiteQueue:
             self._counted(len(sizes), sum(size for (size,) in sizes))
             return len(ids)
 
-        return await self._in_chunks(move, progress)
+        moved = await self._in_chunks(move, progress)
+        if moved:
+            # A serving collector keeps its own counts; this tells it to recount.
+            await self.note("events_changed_at", time.time())
+        return moved
 
     async def purge_dead_letters(
         self, which: DeadLetterFilter, *, chunk: int = 1000, progress: Progress | None = None
