@@ -122,3 +122,18 @@ def test_json_log_lines() -> None:
     assert line["request_id"] == "abc"
     assert line["message"] == "refused 413"
     assert line["time"].endswith("Z")
+
+
+async def test_rejections_are_counted_by_what_was_wrong(start_collector: StartCollector) -> None:
+    collector = await start_collector(identity_secret=Secret("metrics-identity-secret"))
+    await collector.post("/e", {"event": "x", "anonymous_id": "a", "properties": {"collector": 1}})
+    await collector.post("/e", {"event": "x", "user_id": "u1"})  # no hash, no anonymous id
+    await collector.post(
+        "/e", {"event": "x", "anonymous_id": "a", "properties": {"s": "x" * 40_000}}
+    )
+    assert collector.app is not None
+    metrics = collector.app[METRICS]
+    assert metrics.value("collector_events_rejected_total", reason="invalid") == 1
+    assert metrics.value("collector_events_rejected_total", reason="unverified_user") == 1
+    assert metrics.value("collector_events_rejected_total", reason="too_large") == 1
+    assert metrics.value("collector_events_rejected_total", reason="not_allowed") == 0

@@ -29,6 +29,8 @@ log = logging.getLogger("collector.ingest")
 
 JSON_TYPES = frozenset({"application/json", "text/plain"})
 _RETRY_LATER = {"Retry-After": "5"}
+# What reading a body raises when its encoding cannot be undone.
+BROKEN_STREAM = (RequestPayloadError, ContentEncodingError, zlib.error)
 
 
 class RequestError(Exception):
@@ -94,7 +96,7 @@ async def _read_within(request: web.Request, limit: int, encoding: str) -> bytes
                     413, f"the body is over the limit of {limit} bytes once decoded", close=True
                 )
             chunks.append(chunk)
-    except (RequestPayloadError, ContentEncodingError, zlib.error):
+    except BROKEN_STREAM:
         # The stream is broken past repair: end it here so that aiohttp does not try to
         # drain it after the answer, and close the connection rather than reuse it.
         request.content.feed_eof()
@@ -118,7 +120,7 @@ async def _drained(request: web.Request, limit: int) -> bool:
                 size += len(chunk)
                 if size > limit:
                     return False
-    except (RequestPayloadError, ContentEncodingError, zlib.error):
+    except BROKEN_STREAM:
         request.content.feed_eof()  # the stream is dead; aiohttp must not drain it again
         return False
     except TimeoutError:
@@ -232,7 +234,9 @@ def judge(
         else:
             problems = validator.problems(event, kind)
         if not problems and isinstance(event, dict):
-            problems = _reserved_problem(event, settings) or validator.registry_problems(
+            problems = _reserved_problem(event, settings)
+        if not problems and isinstance(event, dict):
+            problems = validator.registry_problems(
                 event, server=server, unknown=settings.unknown_events
             )
             reason = "not_allowed"
