@@ -4,6 +4,7 @@ shipped schemas, over the whole test corpus and over generated events."""
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from typing import Any
 
@@ -13,12 +14,12 @@ import pytest
 from conftest import SEED_EVENT
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, SchemaError
 from referencing import Registry, Resource
 from test_fuzz import events, values
 from test_ingest import HOSTILE
 
-from collector.schema import fast_validator
+from collector.schema import fast_validator, portable_pattern
 
 NAMES = ("envelope", "outbound_track", "outbound_identify")
 SCHEMAS = {
@@ -74,12 +75,92 @@ def test_generated(instance: object) -> None:
     ("schema", "fast"),
     [
         ({"type": "object", "properties": {"plan": {"enum": ["gold"]}}}, True),
-        ({"properties": {"total": {"type": "string", "pattern": "^[0-9]+$"}}}, False),
+        ({"properties": {"total": {"type": "string", "pattern": "^[0-9]+$"}}}, True),
+        ({"properties": {"total": {"pattern": "^\\d+(?:\\.\\d{2})?$"}}}, True),
+        ({"properties": {"code": {"pattern": "^\\s+$"}}}, False),  # ECMA's \s is wider
+        ({"properties": {"code": {"pattern": "^(?=x)"}}}, False),  # lookahead
+        ({"not": {"properties": {"total": {"pattern": "^[0-9]+$"}}}}, False),
+        ({"oneOf": [{"pattern": "^a"}, {"pattern": "b$"}]}, False),
+        ({"if": {"pattern": "^a"}, "then": {"minLength": 2}}, False),
+        ({"not": {"required": ["x"]}}, True),  # negation without a pattern is exact
         ({"properties": {"email": {"format": "email"}}}, False),
         ({"patternProperties": {"^x": {}}}, False),
     ],
 )
-def test_fast_path_only_for_schemas_without_library_dependent_keywords(
+def test_fast_path_only_where_a_fast_yes_cannot_be_wrong(
     schema: dict[str, Any], fast: bool
 ) -> None:
     assert (fast_validator(schema) is not None) is fast
+
+
+@pytest.mark.parametrize(
+    ("pattern", "portable"),
+    [
+        ("^[0-9]+\\.[0-9]{2}$", True),
+        ("^[A-Z]{2}-\\d{3,}$", True),
+        ("^(?:gold|silver|bronze)$", True),
+        ("[\\w.+-]+@[\\w-]+\\.[a-z]{2,}", True),
+        ("^caf\\u00e9 .*?$", True),
+        ("[-a][a-]", True),
+        ("\\s", False),
+        ("\\S", False),
+        ("\\D", False),
+        ("\\bword", False),
+        ("[^\\d]", False),
+        ("[]a]", False),
+        ("[a-z&&[^aeiou]]", False),
+        ("[a-\\d]", False),
+        ("a{", False),
+        ("a{,3}", False),
+        ("x*+", False),
+        ("(?i)abc", False),
+        ("(?P<name>a)", False),
+        ("(a)\\1", False),
+        ("a]", False),
+    ],
+)
+def test_portable_patterns(pattern: str, portable: bool) -> None:
+    assert portable_pattern(pattern) is portable
+
+
+# Pieces of patterns, portable or not, and characters on which the dialects differ.
+PATTERN_PIECES = st.sampled_from(
+    [
+        "a", "b", "é", "0", "9", " ", "-", ".", "\\.", "\\d", "\\w", "\\s", "\\D", "\\n",
+        "\\u00e9", "[a-c]", "[^a]", "[^\\n]", "[\\d.]", "[0-9]", "(", ")", "(?:", "|",
+        "*", "+", "?", "{2}", "{1,3}", "*?", "^", "$",
+    ]
+)  # fmt: skip
+TRICKY_TEXT = st.text(
+    alphabet=st.sampled_from(list("ab09é٣_- .\n\r\t\u2028\ufeff\x0b")), max_size=8
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(PATTERN_PIECES, min_size=1, max_size=8).map("".join), st.data())
+def test_a_portable_pattern_never_passes_in_jsonschema_rs_alone(
+    pattern: str, data: st.DataObject
+) -> None:
+    """Where the fast path is taken, jsonschema-rs' "valid" implies jsonschema's."""
+    schema = {"type": "object", "properties": {"p": {"type": "string", "pattern": pattern}}}
+    try:
+        python = Draft202012Validator(schema).is_valid
+        re.compile(pattern)
+    except (re.error, SchemaError):
+        return
+    fast = fast_validator(schema)
+    if fast is None:
+        assert not portable_pattern(pattern) or not _compiles_in_rust(schema)
+        return
+    for text in data.draw(st.lists(TRICKY_TEXT, min_size=1, max_size=10)):
+        instance = {"p": text}
+        if fast(instance):
+            assert python(instance), (pattern, text)
+
+
+def _compiles_in_rust(schema: dict[str, Any]) -> bool:
+    try:
+        jsonschema_rs.validator_for(schema)
+    except Exception:
+        return False
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -160,9 +161,120 @@ def _packaged_schema(name: str) -> dict[str, Any]:
     return schema
 
 
-# Keywords whose meaning leans on a regular-expression or format library: the two
-# validators use different ones, so for schemas with these only jsonschema decides.
-_LIBRARY_DEPENDENT = frozenset({"pattern", "patternProperties", "format"})
+# Keywords whose meaning leans on a format library or where a pattern decides which
+# schema applies: for schemas with these, only jsonschema decides.
+_LIBRARY_DEPENDENT = frozenset({"patternProperties", "format"})
+# Keywords under which a failing part can make the whole pass (or fail the other way):
+# with them, a pattern read more strictly by jsonschema-rs could turn "invalid" into "valid".
+_NON_MONOTONE = frozenset({"not", "oneOf", "if", "contains"})
+# Outside a character class: escapes that mean the character itself in both dialects.
+_LITERAL_ESCAPES = frozenset("\\^$.|?*+()[]{}/-")
+_CONTROL_ESCAPES = frozenset("tnrfv")
+_QUANTIFIER = re.compile(r"(?:[*+?]|\{[0-9]+(?:,[0-9]*)?\})\??")
+_UNICODE_ESCAPE = re.compile(r"u[0-9A-Fa-f]{4}")
+
+
+def portable_pattern(pattern: str) -> bool:
+    """Whether jsonschema-rs (ECMA-262) accepts no string that Python's `re.search` rejects.
+
+    True for a plain subset: literals, escaped punctuation, `.`, `\\d`, `\\w`, classes of
+    literals and ranges, groups, alternation, quantifiers, `^` and `$`. In it the two
+    dialects agree, except that ECMA's `\\d`, `\\w`, `.` and `$` match less than Python's
+    (ASCII digits and word characters; no `\\r` or line separators; only the very end),
+    which only ever makes jsonschema-rs say "invalid" first, and jsonschema then decides.
+    """
+    at, end = 0, len(pattern)
+    atom = False  # whether a quantifier may follow
+    while at < end:
+        char = pattern[at]
+        if char == "\\":
+            size = _escape_size(pattern, at + 1, negated=False)
+            if not size:
+                return False
+            at, atom = at + 1 + size, True
+        elif char == "[":
+            size = _class_size(pattern, at)
+            if not size:
+                return False
+            at, atom = at + size, True
+        elif char == "(":
+            if pattern.startswith("(?", at) and not pattern.startswith("(?:", at):
+                return False  # lookarounds, named groups, flags
+            at, atom = at + (3 if pattern.startswith("(?:", at) else 1), False
+        elif char in "*+?{":
+            match = _QUANTIFIER.match(pattern, at)
+            if not atom or match is None:
+                return False
+            at, atom = match.end(), False
+            if at < end and pattern[at] in "*+?{":
+                return False  # possessive or stacked quantifiers
+        elif char in "|^$":
+            at, atom = at + 1, False
+        elif char == ")":
+            at, atom = at + 1, True
+        elif char in "]}":
+            return False  # a lone bracket: a literal in one dialect, an error in the other
+        else:  # a literal character, or "." (any but a newline; ECMA also excludes \r)
+            at, atom = at + 1, True
+    return True
+
+
+def _escape_size(pattern: str, at: int, *, negated: bool) -> int:
+    """The length of the escape whose backslash ends just before `at`; 0: not portable."""
+    if at >= len(pattern):
+        return 0
+    char = pattern[at]
+    if char in _LITERAL_ESCAPES or char in _CONTROL_ESCAPES:
+        return 1
+    if char in "dw":
+        return 0 if negated else 1  # ECMA's ASCII classes are a subset of Python's
+    if _UNICODE_ESCAPE.match(pattern, at):
+        return 5
+    return 0
+
+
+def _class_size(pattern: str, start: int) -> int:
+    """The length of the character class at `start`; 0: not portable."""
+    at = start + 1
+    negated = pattern.startswith("^", at)
+    at += negated
+    first = at
+    previous_single = False  # whether the last item was one character (a range may start)
+    while at < len(pattern):
+        char = pattern[at]
+        if char == "]":
+            return 0 if at == first else at + 1 - start  # "[]" differs between dialects
+        if char in "[&~":
+            return 0  # nested sets and set operations in one dialect, literals in the other
+        if char == "-":
+            if at == first or pattern.startswith("]", at + 1):
+                at, previous_single = at + 1, True  # a literal "-" at either edge
+                continue
+            if not previous_single or at + 1 >= len(pattern) or pattern[at + 1] in "\\[-":
+                return 0  # a range must join two plain characters
+            at, previous_single = at + 2, False
+            continue
+        if char == "\\":
+            size = _escape_size(pattern, at + 1, negated=negated)
+            if not size:
+                return 0
+            previous_single = pattern[at + 1] not in "dw"  # a set cannot start a range
+            at += 1 + size
+            continue
+        at, previous_single = at + 1, True
+    return 0
+
+
+def _schema_patterns(schema: object) -> Iterator[object]:
+    """Every value of a `pattern` keyword inside a schema."""
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key == "pattern":
+                yield value
+            yield from _schema_patterns(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            yield from _schema_patterns(item)
 
 
 def _uses(schema: object, keywords: frozenset[str]) -> bool:
@@ -174,8 +286,14 @@ def _uses(schema: object, keywords: frozenset[str]) -> bool:
 
 
 def fast_validator(schema: object) -> Callable[[object], bool] | None:
-    """jsonschema-rs' yes/no for a user's schema, unless its answer could differ."""
+    """jsonschema-rs' yes/no for a user's schema, unless a "yes" could be wrong."""
     if not isinstance(schema, dict) or _uses(schema, _LIBRARY_DEPENDENT):
+        return None
+    patterns = list(_schema_patterns(schema))
+    if patterns and (
+        _uses(schema, _NON_MONOTONE)
+        or not all(isinstance(p, str) and portable_pattern(p) for p in patterns)
+    ):
         return None
     try:
         validator: Callable[[object], bool] = jsonschema_rs.validator_for(schema).is_valid
