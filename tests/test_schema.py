@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import orjson
 import pytest
 from conftest import SEED_EVENT
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from collector.schema import (
     EventValidator,
@@ -14,7 +17,9 @@ from collector.schema import (
     SchemaDirError,
     Shape,
     load_event_schemas,
+    plainly_within,
     pointer,
+    shape_problem,
 )
 
 RENEW_SCHEMA = {
@@ -157,3 +162,28 @@ def test_depth_limit_applies_to_traits_too() -> None:
         )
         == []
     )
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(JSON_VALUES, st.integers(1, 6), st.integers(1, 30), st.integers(0, 40))
+@example([0, 0, 0, 0], 6, 3, 40)  # each bound at its tightest: one key too many
+@example([[[]]], 2, 30, 40)  # one level too deep
+@example(["abcd"], 6, 30, 3)  # one character too long
+def test_a_document_plainly_within_the_limits_breaks_none(
+    value: object, depth: int, keys: int, string: int
+) -> None:
+    """The shortcut that skips the walk for short documents never skips a real problem."""
+    shape = Shape(depth, keys, string)
+    if plainly_within(orjson.dumps(value), shape):
+        assert shape_problem(value, shape, ()) is None

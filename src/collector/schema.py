@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema_rs
+import orjson
 from jsonschema import Draft202012Validator, SchemaError, ValidationError
 from referencing import Registry, Resource
 
@@ -153,6 +154,18 @@ def shape_problem(value: object, shape: Shape, path: tuple[str | int, ...]) -> P
             return Problem(pointer(path), f"holds more than {shape.keys} keys and items in all")
         stack.extend((child, (*where, key), depth + 1) for key, child in children)
     return None
+
+
+def plainly_within(encoded: bytes, shape: Shape) -> bool:
+    """Whether a document's JSON is too short to break any limit: the common case, decided
+    without a walk. No string is longer than the JSON, each key or item takes at least two
+    bytes of it, and nesting takes a bracket a level."""
+    size = len(encoded)
+    return (
+        size <= shape.string
+        and size <= 2 * shape.keys
+        and encoded.count(b"{") + encoded.count(b"[") <= shape.depth
+    )
 
 
 def _packaged_schema(name: str) -> dict[str, Any]:
@@ -403,10 +416,11 @@ class EventValidator:
         if not self._fast[kind](event):
             for error in self._envelopes[kind].iter_errors(event):
                 found.extend(describe(error))
-        for key in ("properties", "traits", "attributes", "group_attributes"):
-            problem = shape_problem(event.get(key), self._shape, (key,))
-            if problem is not None:
-                found.append(problem)
+        if not plainly_within(orjson.dumps(event), self._shape):
+            for key in ("properties", "traits", "attributes", "group_attributes"):
+                problem = shape_problem(event.get(key), self._shape, (key,))
+                if problem is not None:
+                    found.append(problem)
         if not found:
             name = event.get("event")
             properties = event.get("properties", {})
