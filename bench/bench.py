@@ -149,7 +149,8 @@ def start_collector(
 
 
 def lua(body: bytes, path: str, content_type: str, unique: bool, rate: float | None) -> str:
-    """A wrk script posting `body`, with a fresh message id per request when `unique`."""
+    """A wrk script posting `body`, with a fresh message id per request when `unique`:
+    time first, then random, like the script's (wrk's clock has whole seconds only)."""
     text = body.decode()
     lines = [
         'wrk.method = "POST"',
@@ -162,7 +163,8 @@ def lua(body: bytes, path: str, content_type: str, unique: bool, rate: float | N
             "local counter = 0",
             "request = function()",
             "  counter = counter + 1",
-            '  local id = string.format("%d-%d-%d", math.random(1, 1e9), counter, os.time())',
+            '  local id = string.format("%012x%010x%010x", os.time() * 1000,',
+            "    math.random(0, 2147483647), counter)",
             '  return wrk.format(nil, nil, nil, (body:gsub("MESSAGE_ID", id)))',
             "end",
         ]

@@ -158,6 +158,10 @@ async def test_page_views_on_load_and_spa_navigation(browser: Browser, site: Sit
     first = next(r for r in site.fake.tracks() if r.body["event"] == "pageView")
     assert first.body["properties"]["title"] == "Home"
     assert first.body["properties"]["url"] == site.url("/")
+    # The message id (sent on as the GUID) begins with the time in hex milliseconds.
+    guid = first.headers["X-Outbound-GUID"]
+    assert re.fullmatch("[0-9a-f]{32}", guid), guid
+    assert abs(int(guid[:12], 16) / 1000 - first.at) < 60
 
     for button in ("#to-a", "#to-b", "#to-c"):
         await page.click(button)

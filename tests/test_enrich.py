@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import uuid
 
 import pytest
 
@@ -13,6 +14,7 @@ from collector.enrich import (
     event_time,
     from_outbound_identify,
     from_outbound_track,
+    time_ordered_id,
 )
 
 RECEIVED = 1_700_000_000.0
@@ -123,6 +125,18 @@ def test_enrich_generates_unique_message_ids() -> None:
         enrich(event, SENDER, received_at=RECEIVED, tolerance=60)["message_id"] for _ in range(50)
     }
     assert len(ids) == 50
+
+
+def test_generated_ids_are_uuid7_ordered_by_time() -> None:
+    at = 1_764_187_200_123_456_789
+    made = [time_ordered_id(at + step * 1_000_000) for step in range(100)]
+    assert made == sorted(made)  # a millisecond apart: in order, whatever the random bits
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert str(parsed) == text
+    assert int(made[0].replace("-", "")[:12], 16) == at // 1_000_000
+    assert len({time_ordered_id(at) for _ in range(1000)}) == 1000  # random past the time
 
 
 def test_outbound_bodies_become_events() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import uuid
+import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,17 @@ def client_ip(
     return str(current)
 
 
+def time_ordered_id(now_ns: int | None = None) -> str:
+    """A UUIDv7: milliseconds first, then 74 random bits, so that ids made one after
+    another sit side by side in the queue's index of recent ids."""
+    millis = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
+    random = int.from_bytes(os.urandom(10), "big")
+    value = (millis & (1 << 48) - 1) << 80 | 0x7 << 76 | (random >> 62 & 0xFFF) << 64
+    value |= 0b10 << 62 | random & (1 << 62) - 1
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
 def enrich(
     event: dict[str, Any],
     sender: Sender,
@@ -90,7 +102,7 @@ def enrich(
     received_at: float,
     batch_sent_at: float | None = None,
     tolerance: float,
-    new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    new_id: Callable[[], str] = time_ordered_id,
 ) -> Record:
     """A valid `/e` event as the record the queue keeps and the relay sends."""
     sent_at = event.get("sent_at", batch_sent_at)
