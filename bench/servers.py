@@ -55,6 +55,12 @@ def outbound(port: int, delay: float) -> None:
 
 
 if __name__ == "__main__":
+    try:  # the same event loop as the collector's `serve`: uvloop when installed
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
     kind, port = sys.argv[1], int(sys.argv[2])
     if kind == "baseline":
         baseline(port)

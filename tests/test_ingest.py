@@ -402,13 +402,36 @@ async def test_cors_headers_on_success_errors_and_preflight(
         assert response.status == 200
         assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
         assert response.headers["Access-Control-Max-Age"] == "600"
+        assert response.headers["Access-Control-Allow-Methods"] == "POST"
+        assert response.headers["Access-Control-Allow-Headers"] == "Content-Type"
     other = {**preflight, "Origin": "https://evil.example"}
     async with collector.session.options(collector.url("/e"), headers=other) as response:
         assert "Access-Control-Allow-Origin" not in response.headers
+        assert response.status == 403
+        assert "https://evil.example" in (await response.json())["error"]
+    custom = {**preflight, "Access-Control-Request-Headers": "content-type, x-custom"}
+    async with collector.session.options(collector.url("/v2/track"), headers=custom) as response:
+        assert (response.status, await response.json()) == (
+            403,
+            {"error": "only Content-Type may be sent, not x-custom"},
+        )
+    put = {**preflight, "Access-Control-Request-Method": "PUT"}
+    async with collector.session.options(collector.url("/e"), headers=put) as response:
+        assert response.status == 403
     status, _, response = await collector.post(
         "/e", SEED_EVENT, headers={"Origin": "https://evil.example"}
     )
     assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_cors_for_any_origin_with_a_star(start_collector: StartCollector) -> None:
+    collector = await start_collector(allowed_origins=("*",))
+    origin = {"Origin": "https://anywhere.example"}
+    status, _, response = await collector.post("/v2/track", SEED_EVENT, headers=origin)
+    assert status == 202
+    assert response.headers["Access-Control-Allow-Origin"] == "https://anywhere.example"
+    status, _, response = await collector.post("/v2/track", SEED_EVENT)
+    assert "Access-Control-Allow-Origin" not in response.headers  # not a browser: no CORS
 
 
 @pytest.mark.parametrize(

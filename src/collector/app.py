@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from importlib import resources
 
 import aiohttp
-import aiohttp_cors
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,6 +18,7 @@ from .config import Settings
 from .identity import bearer_token, token_matches
 from .keys import (
     DEBUG_HUB,
+    EVENT_PATHS,
     IP_LIMITER,
     METRICS,
     QUEUE,
@@ -211,23 +211,25 @@ def create_app(settings: Settings) -> web.Application:
     if settings.admin_token is not None or debug.demo_enabled(settings):
         app.router.add_get("/_collector/{name:live\\.(?:js|css)}", get_asset)
     app.on_shutdown.append(close_viewers)
-    event_routes = [
-        app.router.add_post(settings.event_path, ingest.post_event),
-        app.router.add_post("/v2/track", ingest.post_outbound_track),
-        app.router.add_post("/v2/identify", ingest.post_outbound_identify),
-    ]
-    options = aiohttp_cors.ResourceOptions(
-        allow_credentials=False,
-        allow_headers=("Content-Type",),
-        allow_methods=("POST",),
-        max_age=settings.cors_max_age,
-    )
-    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(settings.allowed_origins, options))
-    for route in event_routes:
-        cors.add(route)
+    for path, handler in (
+        (settings.event_path, ingest.post_event),
+        ("/v2/track", ingest.post_outbound_track),
+        ("/v2/identify", ingest.post_outbound_identify),
+    ):
+        app.router.add_post(path, handler)
+        app.router.add_route("OPTIONS", path, ingest.preflight)
+    app[EVENT_PATHS] = frozenset({settings.event_path, "/v2/track", "/v2/identify"})
     app.on_response_prepare.append(_common_headers)
     return app
 
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    origin = request.headers.get("Origin")
+    if (
+        origin is not None
+        and request.method == "POST"
+        and request.path in request.app[EVENT_PATHS]
+        and ingest.cors_allowed(origin, request.app[SETTINGS].allowed_origins)
+    ):
+        response.headers["Access-Control-Allow-Origin"] = origin

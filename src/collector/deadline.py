@@ -45,11 +45,11 @@ class HeaderDeadline(asyncio.Protocol):
                 self._body_left -= taken
                 data = data[taken:]
                 continue
-            if not self._headers and self._timer is None:
-                self._arm()
-            seen = self._headers + data
+            seen = self._headers + data if self._headers else data
             end = seen.find(_END)
             if end < 0:
+                if self._timer is None:  # a head that came whole needs no timer at all
+                    self._arm()
                 self._headers = seen[-_MAX_HEADER_BYTES:]
                 return
             head, data = seen[: end + len(_END)], seen[end + len(_END) :]

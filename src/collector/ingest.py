@@ -75,6 +75,8 @@ async def read_body(request: web.Request, settings: Settings) -> bytes:
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding and encoding != "identity" and length is not None:
         limit = min(limit, length * settings.max_gzip_ratio)
+    if request.content.is_eof():  # the whole body is here already: nothing to time
+        return await _read_within(request, limit, encoding)
     try:
         async with asyncio.timeout(settings.body_timeout):
             return await _read_within(request, limit, encoding)
@@ -172,6 +174,34 @@ def origin_allowed(origin: str, allowed: tuple[str, ...], own_host: str | None) 
         return True
     parts = urlsplit(origin)
     return bool(own_host) and parts.scheme in {"http", "https"} and parts.netloc == own_host
+
+
+def cors_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a page on `origin` may read the answers of the event endpoints (CORS)."""
+    return origin is not None and ("*" in allowed or origin in allowed)
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """`OPTIONS` on an event endpoint: a browser asking whether a page may POST JSON to it."""
+    settings = request.app[SETTINGS]
+    origin = request.headers.get("Origin")
+    if not cors_allowed(origin, settings.allowed_origins):
+        return error_response(403, f"the origin {(origin or '')[:100]!r} may not send events")
+    if request.headers.get("Access-Control-Request-Method") != "POST":
+        return error_response(403, "only POST is allowed here")
+    asked = request.headers.get("Access-Control-Request-Headers", "")
+    extra = {h.strip().lower() for h in asked.split(",") if h.strip()} - {"content-type"}
+    if extra:
+        return error_response(403, f"only Content-Type may be sent, not {', '.join(sorted(extra))}")
+    headers = {
+        "Access-Control-Allow-Origin": str(origin),
+        "Access-Control-Allow-Methods": "POST",
+        "Access-Control-Max-Age": str(settings.cors_max_age),
+        "Vary": "Origin",
+    }
+    if asked.strip():
+        headers["Access-Control-Allow-Headers"] = "Content-Type"
+    return web.Response(status=200, headers=headers)
 
 
 def is_server(request: web.Request, settings: Settings) -> bool:
@@ -313,10 +343,12 @@ def rate_limit_wait(request: web.Request, records: list[Record], ip: str | None)
 
     All or nothing: a request over any limit takes no tokens, so its retry is not charged twice.
     """
+    ip_limiter, user_limiter = request.app[IP_LIMITER], request.app[USER_LIMITER]
+    if not (ip_limiter.rate or user_limiter.rate):
+        return 0.0
     now = time.monotonic()
     per_ip = {ip or "unknown": float(len(records))}
     per_user = Counter(str(r.get("user_id") or r.get("anonymous_id")) for r in records)
-    ip_limiter, user_limiter = request.app[IP_LIMITER], request.app[USER_LIMITER]
     wait = max(ip_limiter.wait(per_ip, now), user_limiter.wait(per_user, now))
     if not wait:
         ip_limiter.take(per_ip, now)
