@@ -122,6 +122,30 @@ async def test_concurrent_puts_share_commits(queue: SQLiteQueue) -> None:
     assert queue.commits - before < 50  # 200 puts, far fewer transactions
 
 
+async def test_the_log_is_checkpointed_off_the_loop_and_stays_bounded(tmp_path: Path) -> None:
+    q = SQLiteQueue(tmp_path / "q.sqlite3", checkpoint_interval=0.01, wal_frames_limit=256)
+    await q.open()
+    wal = tmp_path / "q.sqlite3-wal"
+    largest = 0
+    try:
+        # The committing connection leaves checkpoints to the checkpointer's thread.
+        assert await q._submit(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()) == (0,)
+        body = "x" * 700
+        for n in range(300):  # about 6 MB of events, as requests would bring them
+            await q.put([{**rec(f"u{i}", n), "body": body} for i in range(30)])
+            largest = max(largest, wal.stat().st_size)
+            await asyncio.sleep(0.002)
+        assert (await q.stats()).depth == 9000
+        assert q._checkpointer is not None
+        assert q._checkpointer.checkpoints > 0
+    finally:
+        await q.close()
+    # 256 frames of 4 KiB make 1 MiB; a restart lets the log start over near there.
+    assert largest < 4 * 1024 * 1024, largest
+    with sqlite3.connect(tmp_path / "q.sqlite3") as reopened:
+        assert reopened.execute("SELECT COUNT(*) FROM events").fetchone() == (9000,)
+
+
 async def test_full_synchronous_mode_is_applied(tmp_path: Path) -> None:
     q = SQLiteQueue(tmp_path / "q.sqlite3", synchronous="full")
     await q.open()
