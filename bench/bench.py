@@ -347,7 +347,6 @@ def drain(work: Path, schemas: Path, events: int, delay: float, concurrency: int
     users = max(concurrency * 8, 1000)
     prefill(data_dir, events, users)
     outbound = start_outbound(delay)
-    started = time.monotonic()
     collector = start_collector(
         data_dir,
         schemas,
@@ -355,15 +354,16 @@ def drain(work: Path, schemas: Path, events: int, delay: float, concurrency: int
         ["--relay-concurrency", str(concurrency), "--relay-timeout", "10", "--lease-seconds", "60"],
     )
     try:
-        while outbound_call(outbound.port, "/count")["tracks"] < events:
+        while (count := outbound_call(outbound.port, "/count"))["tracks"] < events:
             time.sleep(0.1)
-        elapsed = time.monotonic() - started
-        calls = outbound_call(outbound.port, "/count")["calls"]
+        # From the first call to the last, not from the process start: the relay's pace.
+        elapsed = count["last"] - count["first"]
+        calls = count["calls"] - 1  # calls after the first one, within `elapsed`
     finally:
         collector.stop()
         outbound.stop()
     limit = concurrency / delay if delay else None
-    rate = events / elapsed
+    rate = (events - 1) / elapsed
     return {
         "name": f"drain {events:,} events, Outbound answers "
         + ("at once" if not delay else f"after {delay * 1000:.0f} ms"),

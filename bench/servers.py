@@ -5,13 +5,15 @@
 
 The baseline is the ceiling: a bare aiohttp app in the same Python, one process, access
 log off, whose handler reads the body and answers 204. The fake Outbound answers every
-call (after DELAY_SECONDS), counts them, and fails on demand (POST /mode with a status).
+call (after DELAY_SECONDS), counts them (and notes when the first and the latest came),
+and fails on demand (POST /mode with a status).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 from aiohttp import web
 
@@ -28,6 +30,7 @@ def baseline(port: int) -> None:
 
 def outbound(port: int, delay: float) -> None:
     state = {"calls": 0, "tracks": 0, "status": 200}
+    times = {"first": 0.0, "last": 0.0}
 
     async def handle(request: web.Request) -> web.Response:
         await request.read()
@@ -38,10 +41,13 @@ def outbound(port: int, delay: float) -> None:
         state["calls"] += 1
         if request.match_info["endpoint"] == "track":
             state["tracks"] += 1
+        # When the first and the latest call arrived: the relay's pace, without its startup.
+        times["first"] = times["first"] or time.time()
+        times["last"] = time.time()
         return web.Response(status=200)
 
     async def count(request: web.Request) -> web.Response:
-        return web.json_response(state)
+        return web.json_response({**state, **times})
 
     async def mode(request: web.Request) -> web.Response:
         state["status"] = int(await request.text())

@@ -262,6 +262,7 @@ class SQLiteQueue:
         self._pruned_at = 0.0
         self._pending: list[tuple[Operation, asyncio.Future[Any], bool]] = []
         self._puts: list[PendingPut] = []
+        self._acks: list[tuple[int, asyncio.Future[None]]] = []
         self._work = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
@@ -351,16 +352,19 @@ class SQLiteQueue:
             self._work.clear()
             batch, self._pending = self._pending, []
             puts, self._puts = self._puts, []
-            if not batch and not puts:
+            acks, self._acks = self._acks, []
+            if not batch and not puts and not acks:
                 continue
             operations = [operation for operation, _, _ in batch]
-            futures = [future for _, future, _ in batch] + [future for _, _, future in puts]
+            acked = [event_id for event_id, _ in acks]
+            futures = [future for _, future in acks] + [future for _, future, _ in batch]
+            futures += [future for _, _, future in puts]
             try:
                 if self._executor is None:
-                    results, stored = self._transaction(operations, puts)
+                    results, stored = self._transaction(acked, operations, puts)
                 else:
                     results, stored = await loop.run_in_executor(
-                        self._executor, self._transaction, operations, puts
+                        self._executor, self._transaction, acked, operations, puts
                     )
             except Exception as error:
                 self._healthy, self.last_error = False, f"{type(error).__name__}: {error}"
@@ -372,18 +376,22 @@ class SQLiteQueue:
             if puts or any(stores for _, _, stores in batch):
                 self._healthy, self.last_error = True, None
             self.commits += 1
-            for future, result in zip(futures, [*results, *stored], strict=True):
+            for future, result in zip(
+                futures, [*([None] * len(acks)), *results, *stored], strict=True
+            ):
                 if not future.done():
                     future.set_result(result)
 
     def _transaction(
-        self, operations: list[Operation], puts: list[PendingPut]
+        self, acked: list[int], operations: list[Operation], puts: list[PendingPut]
     ) -> tuple[list[Any], list[int]]:
         connection = self._connection
         assert connection is not None
         depth, size = self.depth, self.bytes
         connection.execute("BEGIN IMMEDIATE")
         try:
+            # Acks first: a claim in the same commit must see those users' next events.
+            self._delete(connection, acked)
             results = [operation(connection) for operation in operations]
             stored = self._store(connection, puts) if puts else []
             connection.execute("COMMIT")
@@ -482,14 +490,23 @@ class SQLiteQueue:
         self.depth += events
         self.bytes += size
 
-    def _delete(self, connection: sqlite3.Connection, event_id: int) -> None:
-        for (size,) in connection.execute(
-            "DELETE FROM events WHERE id = ? RETURNING LENGTH(body)", (event_id,)
-        ).fetchall():
-            self._counted(-1, -size)
+    def _delete(self, connection: sqlite3.Connection, event_ids: Sequence[int]) -> None:
+        for start in range(0, len(event_ids), _ID_CHUNK):
+            chunk = event_ids[start : start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sizes = connection.execute(
+                f"DELETE FROM events WHERE id IN ({marks}) RETURNING LENGTH(body)", chunk
+            ).fetchall()
+            self._counted(-len(sizes), -sum(size for (size,) in sizes))
 
     async def ack(self, event_id: int) -> None:
-        await self._submit(lambda connection: self._delete(connection, event_id))
+        # Acks of one commit go together into one statement, as puts do.
+        if self._writer is None:
+            raise QueueUnavailable("the queue is closed")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.append((event_id, future))
+        self._work.set()
+        await future
 
     async def retry(self, event_id: int, *, available_at: float, error: str) -> None:
         await self._submit(
@@ -516,7 +533,7 @@ class SQLiteQueue:
                 " FROM events WHERE id = ?",
                 (now, reason, status, response, event_id),
             )
-            self._delete(connection, event_id)
+            self._delete(connection, [event_id])
 
         await self._submit(move)
 
