@@ -163,3 +163,9 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):
         settings.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("key", ["k-123\r\nX-Injected: 1", "clé-secrète", "tab\there"])
+def test_the_outbound_key_must_fit_in_a_header(key: str) -> None:
+    with pytest.raises(SettingsError, match="printable ASCII"):
+        load_settings(environ={"OUTBOUND_API_KEY": key})

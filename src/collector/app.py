@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 from importlib import resources
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -67,22 +66,25 @@ async def queue_context(app: web.Application) -> AsyncIterator[None]:
 async def relay_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     outbound: Outbound
-    session: aiohttp.ClientSession | None = None
+    client: HttpOutbound | None = None
     key = settings.outbound_api_key
     if key is None:
         log.warning("OUTBOUND_API_KEY is not set: dry run, calls are logged instead of sent")
         outbound = DryRunOutbound()
     else:
-        connector = aiohttp.TCPConnector(limit=settings.relay_concurrency * 2)
-        session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
-        outbound = HttpOutbound(session, settings.outbound_url, key, settings.relay_timeout)
+        outbound = client = HttpOutbound(
+            settings.outbound_url,
+            key,
+            settings.relay_timeout,
+            max_idle=settings.relay_concurrency * 2,
+        )
     relay = Relay(app[QUEUE], outbound, settings, metrics=app[METRICS], hub=app[DEBUG_HUB])
     app[RELAY] = relay
     relay.start()
     yield
     await relay.close()
-    if session is not None:
-        await session.close()
+    if client is not None:
+        await client.close()
     stats = await app[QUEUE].stats()
     log.info("stopped with %d events queued, %d dead letters", stats.depth, stats.dead_letters)
 

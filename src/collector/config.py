@@ -177,6 +177,14 @@ def _secret(raw: object) -> Secret | None:
     return Secret(value) if value else None
 
 
+def _header_secret(raw: object) -> Secret | None:
+    """A secret sent in an HTTP header: printable ASCII only."""
+    value = _text(raw)
+    if value and not (value.isascii() and value.isprintable()):
+        raise ValueError("must be printable ASCII (it is sent in an HTTP header)")
+    return Secret(value) if value else None
+
+
 def _secrets(raw: object) -> tuple[Secret, ...]:
     values = _items(raw)
     if any(len(value) < 16 for value in values):
@@ -237,7 +245,7 @@ class Settings:
     )
     outbound_api_key: Secret | None = setting(
         None,
-        _secret,
+        _header_secret,
         "Outbound's private API key. Unset: dry run, calls are logged instead of sent.",
         env="OUTBOUND_API_KEY",
         flag=False,

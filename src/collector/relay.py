@@ -144,6 +144,7 @@ class Relay:
         self._jitter = jitter
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._calling = 0  # deliveries whose calls are not done; the rest record outcomes
         self._identified: OrderedDict[str, None] = OrderedDict()
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
@@ -179,9 +180,7 @@ class Relay:
             self._wake.clear()
             now = self._clock()
             free = breaker.capacity(
-                settings.relay_concurrency - len(self._inflight),
-                in_flight=len(self._inflight),
-                now=now,
+                settings.relay_concurrency - self._calling, in_flight=self._calling, now=now
             )
             claimed: list[Claimed] = []
             if free > 0:
@@ -192,6 +191,7 @@ class Relay:
             if breaker.is_open and claimed:
                 breaker.probing(now)
             for item in claimed:
+                self._calling += 1
                 task = asyncio.create_task(self._deliver(item))
                 self._inflight.add(task)
                 task.add_done_callback(self._finished)
@@ -219,14 +219,20 @@ class Relay:
             forward_ip=settings.forward_ip != "off",
         )
         answer = Answer(None, "no call made")
-        for call in calls:
-            started = time.perf_counter()
-            answer = await self._outbound.send(call)
-            self._observe(call, answer, record, time.perf_counter() - started)
-            if not answer.ok:
-                break
-            if call.endpoint == "/v2/identify":
-                self._remember(who)
+        try:
+            for call in calls:
+                started = time.perf_counter()
+                answer = await self._outbound.send(call)
+                self._observe(call, answer, record, time.perf_counter() - started)
+                if not answer.ok:
+                    break
+                if call.endpoint == "/v2/identify":
+                    self._remember(who)
+        finally:
+            # The calls are done: the next event may start while this outcome is recorded
+            # (in the same commit as the claim that fetches it, as like as not).
+            self._calling -= 1
+            self._wake.set()
         now = self._clock()
         decision = decide(
             answer,
