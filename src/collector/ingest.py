@@ -258,11 +258,12 @@ def judge(
     verdicts = Verdicts()
     for index, event in enumerate(events):
         status, reason = "accepted", "invalid"
-        problems = _size_problem(event, settings)
+        encoded = orjson.dumps(event)
+        problems = _size_problem(len(encoded), settings)
         if problems:
             reason = "too_large"
         else:
-            problems = validator.problems(event, kind)
+            problems = validator.problems(event, kind, encoded)
         if not problems and isinstance(event, dict):
             problems = _reserved_problem(event, settings)
         if not problems and isinstance(event, dict):
@@ -356,8 +357,7 @@ def rate_limit_wait(request: web.Request, records: list[Record], ip: str | None)
     return wait
 
 
-def _size_problem(event: object, settings: Settings) -> list[Problem]:
-    size = len(orjson.dumps(event))
+def _size_problem(size: int, settings: Settings) -> list[Problem]:
     if size > settings.max_event_bytes:
         limit = settings.max_event_bytes
         return [Problem("", f"the event is {size} bytes as JSON; the limit is {limit}")]

@@ -129,11 +129,11 @@ ORDER BY id LIMIT :limit
 
 _INSERT_EVENT = (
     "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
-    " VALUES (?1, ?2, ?3, ?3, CAST(?4 AS BLOB))"
+    " VALUES (?1, ?2, ?3, ?3, ?4)"
 )
 _REMEMBER = "INSERT OR IGNORE INTO received (message_id, received_at) VALUES (?, ?)"
 _ID_CHUNK = 500  # message ids looked up per statement, well below SQLite's variable limit
-Row = tuple[str, str, float, str]
+Row = tuple[str, str, float, bytes]
 
 
 def user_key(record: Record) -> str:
@@ -408,9 +408,7 @@ class SQLiteQueue:
         kept = records
         if self._dedupe_window > 0:  # a message id twice in one put: keep the first
             kept = list(reversed({r["message_id"]: r for r in reversed(records)}.values()))
-        rows = [
-            (user_key(r), r["message_id"], r["received_at"], orjson.dumps(r).decode()) for r in kept
-        ]
+        rows = [(user_key(r), r["message_id"], r["received_at"], orjson.dumps(r)) for r in kept]
         size = sum(len(row[3]) for row in rows)
         if self._writer is None:
             raise QueueUnavailable("the queue is closed")

@@ -408,15 +408,18 @@ class EventValidator:
             if isinstance(v.schema, dict) and v.schema.get("x-server-only") is True
         )
 
-    def problems(self, event: object, kind: Kind = "event") -> list[Problem]:
-        """Every problem with one event; an empty list means it is valid."""
+    def problems(
+        self, event: object, kind: Kind = "event", encoded: bytes | None = None
+    ) -> list[Problem]:
+        """Every problem with one event; an empty list means it is valid. `encoded`: the
+        event as JSON, when the caller has it already."""
         if not isinstance(event, dict):
             return [Problem("", f"an event must be a JSON object, not {_type_of(event)}")]
         found: list[Problem] = []
         if not self._fast[kind](event):
             for error in self._envelopes[kind].iter_errors(event):
                 found.extend(describe(error))
-        if not plainly_within(orjson.dumps(event), self._shape):
+        if not plainly_within(orjson.dumps(event) if encoded is None else encoded, self._shape):
             for key in ("properties", "traits", "attributes", "group_attributes"):
                 problem = shape_problem(event.get(key), self._shape, (key,))
                 if problem is not None:
@@ -429,7 +432,7 @@ class EventValidator:
             if validator is not None and not (fast and fast(properties)):
                 for error in validator.iter_errors(properties):
                     found.extend(describe(error, ("properties",)))
-        return _deduplicated(found)
+        return _deduplicated(found) if found else found
 
     def registry_problems(
         self, event: dict[str, Any], *, server: bool, unknown: str
