@@ -75,8 +75,11 @@ async def read_body(request: web.Request, settings: Settings) -> bytes:
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding and encoding != "identity" and length is not None:
         limit = min(limit, length * settings.max_gzip_ratio)
-    if request.content.is_eof():  # the whole body is here already: nothing to time
-        return await _read_within(request, limit, encoding)
+    if request.content.is_eof():  # the whole body is here already: nothing to wait for
+        try:
+            return _whole(request.content.read_nowait(), limit, encoding)
+        except BROKEN_STREAM:
+            raise _broken(request, encoding) from None
     try:
         async with asyncio.timeout(settings.body_timeout):
             return await _read_within(request, limit, encoding)
@@ -87,6 +90,29 @@ async def read_body(request: web.Request, settings: Settings) -> bytes:
         ) from None
 
 
+def _too_large(limit: int) -> RequestError:
+    return RequestError(
+        413, f"the body is over the limit of {limit} bytes once decoded", close=True
+    )
+
+
+def _whole(body: bytes, limit: int, encoding: str) -> bytes:
+    if len(body) > limit:
+        raise _too_large(limit)
+    if not body and encoding:
+        raise RequestError(400, f"the body decoded to nothing: truncated or not {encoding}")
+    if not body:
+        raise RequestError(400, "the body is empty; send one event or a batch as JSON")
+    return body
+
+
+def _broken(request: web.Request, encoding: str) -> RequestError:
+    # The stream is broken past repair: end it here so that aiohttp does not try to
+    # drain it after the answer, and close the connection rather than reuse it.
+    request.content.feed_eof()
+    return RequestError(400, f"the body is not valid {encoding or 'data'}", close=True)
+
+
 async def _read_within(request: web.Request, limit: int, encoding: str) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -94,20 +120,11 @@ async def _read_within(request: web.Request, limit: int, encoding: str) -> bytes
         async for chunk in request.content.iter_any():
             size += len(chunk)
             if size > limit:
-                raise RequestError(
-                    413, f"the body is over the limit of {limit} bytes once decoded", close=True
-                )
+                raise _too_large(limit)
             chunks.append(chunk)
     except BROKEN_STREAM:
-        # The stream is broken past repair: end it here so that aiohttp does not try to
-        # drain it after the answer, and close the connection rather than reuse it.
-        request.content.feed_eof()
-        raise RequestError(400, f"the body is not valid {encoding or 'data'}", close=True) from None
-    if not size and encoding:
-        raise RequestError(400, f"the body decoded to nothing: truncated or not {encoding}")
-    if not size:
-        raise RequestError(400, "the body is empty; send one event or a batch as JSON")
-    return b"".join(chunks)
+        raise _broken(request, encoding) from None
+    return _whole(b"".join(chunks), limit, encoding)
 
 
 async def _drained(request: web.Request, limit: int) -> bool:
@@ -237,12 +254,12 @@ class Verdicts:
     records: list[Record] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     anonymized: list[dict[str, Any]] = field(default_factory=list)
-    reasons: Counter[str] = field(default_factory=Counter)
+    reasons: dict[str, int] = field(default_factory=dict)
     seen: list[dict[str, Any]] = field(default_factory=list)
 
 
 def judge(
-    request: web.Request,
+    app: web.Application,
     events: list[object],
     kind: Kind,
     convert: Callable[[dict[str, Any]], dict[str, Any]],
@@ -253,7 +270,7 @@ def judge(
     watched: bool = False,
 ) -> Verdicts:
     """Validate, check the sender's rights, and enrich each event; the rest say why not."""
-    settings, validator = request.app[SETTINGS], request.app[VALIDATOR]
+    settings, validator = app[SETTINGS], app[VALIDATOR]
     received_at = time.time()
     verdicts = Verdicts()
     for index, event in enumerate(events):
@@ -286,7 +303,7 @@ def judge(
         if problems and status != "anonymized":
             status = "rejected"
             verdicts.rejected.append({"index": index, "errors": [p.as_json() for p in problems]})
-            verdicts.reasons[reason] += 1
+            verdicts.reasons[reason] = verdicts.reasons.get(reason, 0) + 1
         else:
             assert isinstance(event, dict)
             record = enrich(
@@ -339,12 +356,12 @@ def seen_item(
     return item
 
 
-def rate_limit_wait(request: web.Request, records: list[Record], ip: str | None) -> float:
+def rate_limit_wait(app: web.Application, records: list[Record], ip: str | None) -> float:
     """Seconds this request must wait under the per-IP and per-user limits; 0: it may pass.
 
     All or nothing: a request over any limit takes no tokens, so its retry is not charged twice.
     """
-    ip_limiter, user_limiter = request.app[IP_LIMITER], request.app[USER_LIMITER]
+    ip_limiter, user_limiter = app[IP_LIMITER], app[USER_LIMITER]
     if not (ip_limiter.rate or user_limiter.rate):
         return 0.0
     now = time.monotonic()
@@ -377,13 +394,14 @@ def _reserved_problem(event: dict[str, Any], settings: Settings) -> list[Problem
     return []
 
 
-async def store(request: web.Request, verdicts: Verdicts) -> web.Response:
+async def store(app: web.Application, verdicts: Verdicts) -> web.Response:
     """Commit the valid records, then answer: 202 only once they are on disk."""
     duplicates = 0
     if verdicts.records:
         try:
-            duplicates = await request.app[QUEUE].put(verdicts.records)
-            request.app[METRICS].duplicates.inc(duplicates)
+            duplicates = await app[QUEUE].put(verdicts.records)
+            if duplicates:
+                app[METRICS].duplicates.inc(duplicates)
         except QueueFull as error:
             log.warning("queue refused %d events: %s", len(verdicts.records), error)
             return error_response(
@@ -396,7 +414,7 @@ async def store(request: web.Request, verdicts: Verdicts) -> web.Response:
                 "events cannot be stored right now; nothing was stored, retry later",
                 _RETRY_LATER,
             )
-        request.app[RELAY].wake()
+        app[RELAY].wake()
     status = 202 if verdicts.records else 400
     answer: dict[str, Any] = {"accepted": len(verdicts.records), "rejected": verdicts.rejected}
     if verdicts.anonymized:
@@ -412,19 +430,21 @@ async def _handle(
     convert: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> web.Response:
     started = time.perf_counter()
+    app = request.app
     try:
-        return await _answer(request, kind, convert)
+        return await _answer(request, app, kind, convert)
     finally:
-        request.app[METRICS].ingest_latency.observe(time.perf_counter() - started)
+        app[METRICS].ingest_latency.observe(time.perf_counter() - started)
 
 
 async def _answer(
     request: web.Request,
+    app: web.Application,
     kind: Kind,
     convert: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> web.Response:
     """Who sends, what they sent, what became of each event: the whole of one request."""
-    settings, metrics, hub = request.app[SETTINGS], request.app[METRICS], request.app[DEBUG_HUB]
+    settings, metrics, hub = app[SETTINGS], app[METRICS], app[DEBUG_HUB]
     try:
         server = is_server(request, settings)
         document = decode(await read_body(request, settings))
@@ -449,18 +469,19 @@ async def _answer(
     )
     sender = sender_of(request, settings, ip)
     verdicts = judge(
-        request, events, kind, convert, sent_at, server=server, sender=sender, watched=hub.watched
+        app, events, kind, convert, sent_at, server=server, sender=sender, watched=hub.watched
     )
     if not server:
-        wait = rate_limit_wait(request, verdicts.records, ip)
+        wait = rate_limit_wait(app, verdicts.records, ip)
         if wait:
             metrics.rate_limited.inc()
             return error_response(
                 429, "too many events; retry later", {"Retry-After": retry_after(wait)}
             )
-    response = await store(request, verdicts)
+    response = await store(app, verdicts)
     if response.status in {202, 400}:  # not when the queue refused the lot
-        metrics.accepted.inc(len(verdicts.records))
+        if verdicts.records:
+            metrics.accepted.inc(len(verdicts.records))
         for reason, count in verdicts.reasons.items():
             metrics.rejected.labels(reason).inc(count)
         for item in verdicts.seen:
