@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from collector.queue import SQLiteQueue
+from collector import queue as queue_module
+from collector.queue import QueueUnavailable, SQLiteQueue
 
 NOW = 1_700_000_000.0
 
@@ -145,6 +146,36 @@ async def test_the_log_is_checkpointed_off_the_loop_and_stays_bounded(tmp_path: 
     assert largest < 12 * 1024 * 1024, largest
     with sqlite3.connect(tmp_path / "q.sqlite3") as reopened:
         assert reopened.execute("SELECT COUNT(*) FROM events").fetchone() == (9000,)
+
+
+async def test_a_write_lock_held_elsewhere_does_not_stop_the_event_loop(
+    queue: SQLiteQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = sqlite3.connect(queue.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # as the checkpointer's restart or a CLI command would
+    try:
+        put = asyncio.create_task(queue.put([rec("a", 1)]))
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.05)
+        # Waiting inside SQLite would hold the loop for the whole busy timeout (5 s).
+        held = asyncio.get_running_loop().time() - started
+        assert held < 2.5, held
+        assert not put.done()
+    finally:
+        other.execute("COMMIT")
+    assert await put == 0
+    assert (await queue.stats()).depth == 1
+
+    monkeypatch.setattr(queue_module, "BUSY_TIMEOUT", 0.2)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(QueueUnavailable, match="locked"):
+            await queue.put([rec("a", 2)])
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    await queue.put([rec("a", 3)])  # and it recovers once the lock is free
+    assert (await queue.stats()).depth == 2
 
 
 async def test_full_synchronous_mode_is_applied(tmp_path: Path) -> None:

@@ -132,6 +132,7 @@ _INSERT_EVENT = (
     " VALUES (?1, ?2, ?3, ?3, ?4)"
 )
 _REMEMBER = "INSERT OR IGNORE INTO received (message_id, received_at) VALUES (?, ?)"
+BUSY_TIMEOUT = 5.0  # seconds to wait for another connection's write lock
 _ID_CHUNK = 500  # message ids looked up per statement, well below SQLite's variable limit
 Row = tuple[str, str, float, bytes]
 
@@ -286,6 +287,7 @@ class SQLiteQueue:
         else:
             self._connection = self._connect()
             self._connection.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job
+            self._connection.execute("PRAGMA busy_timeout=0")  # _on_the_loop waits instead
             self._checkpointer = Checkpointer(
                 self.path,
                 interval=self._checkpoint_interval,
@@ -299,7 +301,7 @@ class SQLiteQueue:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={self._synchronous}")
-        connection.execute("PRAGMA busy_timeout=5000")
+        connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000:.0f}")
         # Checkpoints bring the write-ahead log back to this size rather than leaving it at
         # its largest, which matters on a disk that runs full.
         connection.execute("PRAGMA journal_size_limit=16777216")
@@ -361,7 +363,7 @@ class SQLiteQueue:
             futures += [future for _, _, future in puts]
             try:
                 if self._executor is None:
-                    results, stored = self._transaction(acked, operations, puts)
+                    results, stored = await self._on_the_loop(acked, operations, puts)
                 else:
                     results, stored = await loop.run_in_executor(
                         self._executor, self._transaction, acked, operations, puts
@@ -381,6 +383,22 @@ class SQLiteQueue:
             ):
                 if not future.done():
                     future.set_result(result)
+
+    async def _on_the_loop(
+        self, acked: list[int], operations: list[Operation], puts: list[PendingPut]
+    ) -> tuple[list[Any], list[int]]:
+        """The transaction, on the event loop. While another connection holds the write lock
+        (the checkpointer restarting the log, a dead-letters command) it waits here rather
+        than in SQLite, so that the loop goes on reading and checking requests meanwhile."""
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                return self._transaction(acked, operations, puts)
+            except sqlite3.OperationalError as error:
+                busy = error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.001)
 
     def _transaction(
         self, acked: list[int], operations: list[Operation], puts: list[PendingPut]
