@@ -489,9 +489,13 @@ async def _answer(
     return response
 
 
+def _as_sent(event: dict[str, Any]) -> dict[str, Any]:
+    return event  # enrich builds a new record; the event itself is left as it came
+
+
 async def post_event(request: web.Request) -> web.Response:
     """`POST /e`: one event or a batch, from browsers and API clients."""
-    return await _handle(request, "event", dict)
+    return await _handle(request, "event", _as_sent)
 
 
 async def post_outbound_track(request: web.Request) -> web.Response:
