@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -388,3 +390,42 @@ async def test_no_answer_within_the_timeout(raw_server: Any) -> None:
     assert (await client.send(CALL)).status == 200  # on a fresh connection
     assert server.connections == 2
     await client.close()
+
+
+TLS = Path(__file__).parent / "tls"
+
+
+async def test_https_with_the_certificate_checked() -> None:
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(TLS / "localhost.crt", TLS / "localhost.key")
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head)
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            writer.write(OK)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=served)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        trusting = ssl.create_default_context(cafile=TLS / "localhost.crt")
+        client = HttpOutbound(url, Secret("k-123"), 5.0, tls=trusting)
+        answered = await client.send(CALL)
+        assert (answered.status, answered.detail) == (200, "ok")
+        assert seen[0].startswith(b"POST /v2/track HTTP/1.1\r\n")
+        await client.close()
+        # With the system's authorities only, a self-signed certificate is refused.
+        strict = HttpOutbound(url, Secret("k-123"), 5.0)
+        refused = await strict.send(CALL)
+        assert refused.status is None
+        assert "CERTIFICATE_VERIFY_FAILED" in refused.detail
+        await strict.close()
+    finally:
+        server.close()

@@ -350,14 +350,22 @@ class HttpOutbound:
     call cost ~100 µs of it here against ~25 µs for this one (see bench/RESULTS.md).
     """
 
-    def __init__(self, base_url: str, key: Secret, timeout: float, *, max_idle: int = 64) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        key: Secret,
+        timeout: float,
+        *,
+        max_idle: int = 64,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         self._base_url = base_url.rstrip("/")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
         self._prefix = parts.path.rstrip("/")
         self._host_header = parts.netloc.rsplit("@", 1)[-1]
         self._key = key
