@@ -149,20 +149,19 @@ _LETTER_KEYS = ("id", "message_id", "reason", "status", "response", "attempts", 
 
 class Checkpointer:
     """Copies SQLite's write-ahead log into the database file on a thread of its own, so
-    that the event loop, which commits, never waits for that copy and its fsync.
+    that the event loop, which commits, seldom waits for that copy and its fsync.
 
-    A passive checkpoint never holds up a commit, but it may leave the newest commits in
-    the log, and under steady load the log would only grow. Past `restart_frames` (SQLite
-    checkpoints at 1,000 pages by itself), a restart checkpoint waits for a gap between
-    commits, copies the little that is left and makes the next commit write the log from
-    its start again. A bounded log also keeps a full disk recoverable: the database file
-    must grow by what the log holds before the log can be reused.
+    Its checkpoints are passive: they never hold up a commit, and under steady load they
+    leave the newest commits in the log. The committing connection keeps SQLite's own
+    checkpoint at `wal_frames_limit` pages: by then this thread has copied nearly all of
+    the log, so that one copies the rest (little) and the log starts over. The bound
+    matters on a full disk too: before the log can be reused, the database file must grow
+    by what the log holds.
     """
 
-    def __init__(self, path: Path, *, interval: float, restart_frames: int) -> None:
+    def __init__(self, path: Path, *, interval: float) -> None:
         self._path = path
         self._interval = interval
-        self._restart_frames = restart_frames
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-checkpoint", daemon=True)
         self.checkpoints = 0
@@ -178,21 +177,16 @@ class Checkpointer:
     def _run(self) -> None:
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
-            connection.execute("PRAGMA busy_timeout=5000")
             while not self._stopping.wait(self._interval):
                 try:
-                    self.checkpoint(connection)
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as error:  # a full disk, say: the log waits for the next
                     self.last_error = f"{type(error).__name__}: {error}"
+                    continue
+                self.checkpoints += 1
+                self.last_error = None
         finally:
             connection.close()
-
-    def checkpoint(self, connection: sqlite3.Connection) -> None:
-        _, frames, _ = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if frames >= self._restart_frames:
-            connection.execute("PRAGMA wal_checkpoint(RESTART)")
-        self.checkpoints += 1
-        self.last_error = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,13 +280,9 @@ class SQLiteQueue:
             self._connection = await loop.run_in_executor(self._executor, self._connect)
         else:
             self._connection = self._connect()
-            self._connection.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job
+            self._connection.execute(f"PRAGMA wal_autocheckpoint={self._wal_frames_limit}")
             self._connection.execute("PRAGMA busy_timeout=0")  # _on_the_loop waits instead
-            self._checkpointer = Checkpointer(
-                self.path,
-                interval=self._checkpoint_interval,
-                restart_frames=self._wal_frames_limit,
-            )
+            self._checkpointer = Checkpointer(self.path, interval=self._checkpoint_interval)
             self._checkpointer.start()
         self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
 
