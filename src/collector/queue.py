@@ -149,19 +149,22 @@ _LETTER_KEYS = ("id", "message_id", "reason", "status", "response", "attempts", 
 
 class Checkpointer:
     """Copies SQLite's write-ahead log into the database file on a thread of its own, so
-    that the event loop, which commits, seldom waits for that copy and its fsync.
+    that the event loop, which commits, does not wait for that copy and its fsync.
 
-    Its checkpoints are passive: they never hold up a commit, and under steady load they
-    leave the newest commits in the log. The committing connection keeps SQLite's own
-    checkpoint at `wal_frames_limit` pages: by then this thread has copied nearly all of
-    the log, so that one copies the rest (little) and the log starts over. The bound
-    matters on a full disk too: before the log can be reused, the database file must grow
-    by what the log holds.
+    A passive checkpoint never holds up a commit, but under steady load it leaves the
+    newest commits in the log, which would only grow. Past `restart_frames` pages, a
+    restart checkpoint takes a gap between commits to copy the little that is left, and
+    the next commit writes the log from its start again (meanwhile, commits wait without
+    stopping the event loop). The committing connection keeps SQLite's own checkpoint at
+    twice that, for when this thread falls behind: a bounded log keeps a full disk
+    recoverable, since the database file must grow by what the log holds before the log
+    can be reused.
     """
 
-    def __init__(self, path: Path, *, interval: float) -> None:
+    def __init__(self, path: Path, *, interval: float, restart_frames: int) -> None:
         self._path = path
         self._interval = interval
+        self._restart_frames = restart_frames
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-checkpoint", daemon=True)
         self.checkpoints = 0
@@ -177,16 +180,21 @@ class Checkpointer:
     def _run(self) -> None:
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
+            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000:.0f}")
             while not self._stopping.wait(self._interval):
                 try:
-                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.checkpoint(connection)
                 except sqlite3.Error as error:  # a full disk, say: the log waits for the next
                     self.last_error = f"{type(error).__name__}: {error}"
-                    continue
-                self.checkpoints += 1
-                self.last_error = None
         finally:
             connection.close()
+
+    def checkpoint(self, connection: sqlite3.Connection) -> None:
+        _, frames, _ = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if frames >= self._restart_frames:
+            connection.execute("PRAGMA wal_checkpoint(RESTART)")
+        self.checkpoints += 1
+        self.last_error = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +247,7 @@ class SQLiteQueue:
         max_events: int = 2_000_000,
         max_bytes: int = 1 << 30,
         owner: bool = True,
-        checkpoint_interval: float = 0.1,
+        checkpoint_interval: float = 0.02,
         wal_frames_limit: int = 1000,
     ) -> None:
         self.path = path
@@ -282,7 +290,11 @@ class SQLiteQueue:
             self._connection = self._connect()
             self._connection.execute(f"PRAGMA wal_autocheckpoint={self._wal_frames_limit}")
             self._connection.execute("PRAGMA busy_timeout=0")  # _on_the_loop waits instead
-            self._checkpointer = Checkpointer(self.path, interval=self._checkpoint_interval)
+            self._checkpointer = Checkpointer(
+                self.path,
+                interval=self._checkpoint_interval,
+                restart_frames=self._wal_frames_limit // 2,
+            )
             self._checkpointer.start()
         self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
 
