@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import eventually
 
 from collector import queue as queue_module
 from collector.queue import QueueUnavailable, SQLiteQueue
@@ -146,6 +147,23 @@ async def test_the_log_is_checkpointed_off_the_loop_and_stays_bounded(tmp_path: 
     assert largest < 3 * 1024 * 1024, largest
     with sqlite3.connect(tmp_path / "q.sqlite3") as reopened:
         assert reopened.execute("SELECT COUNT(*) FROM events").fetchone() == (9000,)
+
+
+async def test_an_idle_queue_is_not_checkpointed_again(tmp_path: Path) -> None:
+    q = SQLiteQueue(tmp_path / "q.sqlite3", checkpoint_interval=0.01)
+    await q.open()
+    try:
+        await q.put([rec("a", 1)])
+        checkpointer = q._checkpointer
+        assert checkpointer is not None
+        await eventually(lambda: checkpointer.checkpoints >= 1)
+        settled = checkpointer.checkpoints
+        await asyncio.sleep(0.3)  # thirty rounds of the checkpointer, and no commit
+        assert checkpointer.checkpoints == settled
+        await q.put([rec("a", 2)])
+        await eventually(lambda: checkpointer.checkpoints > settled)
+    finally:
+        await q.close()
 
 
 async def test_a_write_lock_held_elsewhere_does_not_stop_the_event_loop(

@@ -161,10 +161,18 @@ class Checkpointer:
     can be reused.
     """
 
-    def __init__(self, path: Path, *, interval: float, restart_frames: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        interval: float,
+        restart_frames: int,
+        commits: Callable[[], int] = lambda: -1,
+    ) -> None:
         self._path = path
         self._interval = interval
         self._restart_frames = restart_frames
+        self._commits = commits  # the committer's count: nothing new, nothing to copy
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-checkpoint", daemon=True)
         self.checkpoints = 0
@@ -181,11 +189,17 @@ class Checkpointer:
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
             connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000:.0f}")
+            done = None  # the committer's count when a checkpoint last went through
             while not self._stopping.wait(self._interval):
+                commits = self._commits()
+                if commits == done and commits >= 0:
+                    continue  # nothing new in the log since
                 try:
                     self.checkpoint(connection)
                 except sqlite3.Error as error:  # a full disk, say: the log waits for the next
                     self.last_error = f"{type(error).__name__}: {error}"
+                else:
+                    done = commits
         finally:
             connection.close()
 
@@ -294,6 +308,7 @@ class SQLiteQueue:
                 self.path,
                 interval=self._checkpoint_interval,
                 restart_frames=self._wal_frames_limit // 2,
+                commits=lambda: self.commits,
             )
             self._checkpointer.start()
         self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
