@@ -162,12 +162,7 @@ class Checkpointer:
     """
 
     def __init__(
-        self,
-        path: Path,
-        *,
-        interval: float,
-        restart_frames: int,
-        commits: Callable[[], int] = lambda: -1,
+        self, path: Path, *, interval: float, restart_frames: int, commits: Callable[[], int]
     ) -> None:
         self._path = path
         self._interval = interval
@@ -192,7 +187,7 @@ class Checkpointer:
             done = None  # the committer's count when a checkpoint last went through
             while not self._stopping.wait(self._interval):
                 commits = self._commits()
-                if commits == done and commits >= 0:
+                if commits == done:
                     continue  # nothing new in the log since
                 try:
                     self.checkpoint(connection)
