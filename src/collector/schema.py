@@ -367,12 +367,21 @@ def load_event_schemas(directory: Path | None) -> dict[str, Draft202012Validator
     return validators
 
 
+def _undecided(instance: object) -> bool:
+    return False  # no fast answer: jsonschema decides
+
+
 class EventValidator:
     """Checks events against the packaged envelope and the configured per-event schemas."""
 
     def __init__(
-        self, event_schemas: Mapping[str, Draft202012Validator], shape: Shape | None = None
+        self,
+        event_schemas: Mapping[str, Draft202012Validator],
+        shape: Shape | None = None,
+        *,
+        fast: bool = True,
     ) -> None:
+        """`fast=False` leaves every decision to jsonschema (the bench measures both)."""
         packaged = {name: _packaged_schema(name) for name in _PACKAGED}
         registry: Registry[Any] = Registry().with_resources(
             (schema["$id"], Resource.from_contents(schema)) for schema in packaged.values()
@@ -394,11 +403,13 @@ class EventValidator:
         }
         self._fast: dict[Kind, Callable[[object], bool]] = {
             kind: jsonschema_rs.validator_for(packaged[name], registry=fast_registry).is_valid
+            if fast
+            else _undecided
             for kind, name in names.items()
         }
         self._event_schemas = dict(event_schemas)
         self._fast_events = {
-            name: fast_validator(validator.schema)
+            name: fast_validator(validator.schema) if fast else None
             for name, validator in self._event_schemas.items()
         }
         self._shape = shape or Shape()
