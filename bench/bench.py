@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,9 +150,13 @@ def start_collector(
     return start(command, port, env)
 
 
+VISITORS = 10_000
+
+
 def lua(body: bytes, path: str, content_type: str, unique: bool, rate: float | None) -> str:
-    """A wrk script posting `body`, with a fresh message id per request when `unique`:
-    time first, then random, like the script's (wrk's clock has whole seconds only)."""
+    """A wrk script posting `body`. When `unique`, each request has fresh message ids (time
+    first, then random, like the script's; wrk's clock has whole seconds only) and comes
+    from one of `VISITORS` browsers, so that the queue keeps many users' lines, as live."""
     text = body.decode()
     lines = [
         'wrk.method = "POST"',
@@ -165,7 +171,10 @@ def lua(body: bytes, path: str, content_type: str, unique: bool, rate: float | N
             "  counter = counter + 1",
             '  local id = string.format("%012x%010x%010x", os.time() * 1000,',
             "    math.random(0, 2147483647), counter)",
-            '  return wrk.format(nil, nil, nil, (body:gsub("MESSAGE_ID", id)))',
+            '  local visitor = string.format("%08x-5d5e-4a4e-9d1f-6f2b1f9f2a10",',
+            f"    math.random(1, {VISITORS}))",
+            "  return wrk.format(nil, nil, nil,",
+            '    (body:gsub("MESSAGE_ID", id):gsub("ANONYMOUS_ID", visitor)))',
             "end",
         ]
     else:
@@ -249,19 +258,25 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     relay: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
+    validation: list[dict[str, Any]] = field(default_factory=list)
     script_gzip_bytes: int = 0
 
 
 def beacon(events: int) -> bytes:
-    """What the script sends: a batch with a sent_at; each request fills in fresh ids."""
-    batch = [{**EVENT, "message_id": f"MESSAGE_ID-{i}"} for i in range(events)]
+    """What the script sends: one browser's batch with a sent_at; each request fills in
+    fresh ids and its browser's anonymous id."""
+    batch = [
+        {**EVENT, "message_id": f"MESSAGE_ID-{i}", "anonymous_id": "ANONYMOUS_ID"}
+        for i in range(events)
+    ]
     return json.dumps({"batch": batch, "sent_at": 1764187200.5}, separators=(",", ":")).encode()
 
 
 def measure_ingest(work: Path, schemas: Path, seconds: float, rounds: int) -> list[Row]:
+    beacon_type = "text/plain;charset=UTF-8"
     scenarios = [
-        ("single-event beacon (text/plain)", 1, beacon(1), "/e", "text/plain;charset=UTF-8", True),
-        ("batch of 20 events", 20, beacon(20), "/e", "text/plain;charset=UTF-8", True),
+        ("single-event beacon (text/plain)", 1, beacon(1), "/e", beacon_type, True, []),
+        ("batch of 20 events", 20, beacon(20), "/e", beacon_type, True, []),
         (
             "seed-shaped /v2/track",
             1,
@@ -269,10 +284,21 @@ def measure_ingest(work: Path, schemas: Path, seconds: float, rounds: int) -> li
             "/v2/track",
             "application/json",
             False,
+            [],
+        ),
+        # What an operator pays for `durability = "full"`: an fsync per group commit.
+        (
+            "single-event beacon, durability full",
+            1,
+            beacon(1),
+            "/e",
+            beacon_type,
+            True,
+            ["--durability", "full"],
         ),
     ]
     rows = []
-    for name, events, body, path, content_type, unique in scenarios:
+    for name, events, body, path, content_type, unique, options in scenarios:
         script = lua(body, path, content_type, unique, None)
         base_port = free_port()
         baseline = start([PYTHON, str(BENCH / "servers.py"), "baseline", str(base_port)], base_port)
@@ -284,7 +310,7 @@ def measure_ingest(work: Path, schemas: Path, seconds: float, rounds: int) -> li
             Path(tempfile.mkdtemp(dir=work)),
             schemas,
             outbound.port,
-            ["--breaker-threshold", "1", "--probe-interval", "3600"],
+            ["--breaker-threshold", "1", "--probe-interval", "3600", *options],
         )
         try:
             run_wrk(collector.port, script, 1, work)  # warm-up
@@ -429,6 +455,40 @@ def memory_flat(work: Path, schemas: Path, events: int, seconds: float) -> dict[
     }
 
 
+FAST, AUTHORITY = "jsonschema-rs first", "jsonschema alone"
+
+
+def measure_validation(turns: int) -> list[dict[str, Any]]:
+    """Microseconds per event in the collector's validation (envelope, limits, per-event
+    schema), with jsonschema-rs answering "valid" first, and with jsonschema deciding alone."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import orjson
+    from jsonschema import Draft202012Validator
+
+    from collector.schema import EventValidator
+
+    schemas = {"renewMembership": Draft202012Validator(SCHEMA)}
+    paths = {FAST: EventValidator(schemas), AUTHORITY: EventValidator(schemas, fast=False)}
+    platinum = json.loads(json.dumps(EVENT))
+    platinum["properties"]["plan"] = "platinum"
+    cases: list[tuple[str, dict[str, Any], Any]] = [
+        ("browser event, valid", EVENT, "event"),
+        ("seed-shaped /v2/track, valid", SEED, "outbound_track"),
+        ("browser event, invalid (`plan` not in the enum)", platinum, "event"),
+    ]
+    rows = []
+    for name, event, kind in cases:
+        encoded = orjson.dumps(event)  # as ingest hands it over
+        timings: dict[str, list[float]] = {path: [] for path in paths}
+        for _ in range(turns):  # the paths take turns, as baseline and collector do
+            for path, validator in paths.items():
+                check = functools.partial(validator.problems, event, kind, encoded)
+                number, seconds = timeit.Timer(check).autorange()
+                timings[path].append(seconds / number * 1e6)
+        rows.append({"name": name, **{p: sorted(t)[len(t) // 2] for p, t in timings.items()}})
+    return rows
+
+
 def script_size() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from collector.script import Script
@@ -474,6 +534,18 @@ def table(results: Results) -> str:
             f" while they wait, {draining[0]:.0f}–{draining[1]:.0f} MB while they drain"
             f" ({m['drained_while_sampled']:,} sent meanwhile); peak {m['peak_rss_mb']:.0f} MB.",
         ]
+    if results.validation:
+        out += [
+            "",
+            f"| validation of one event | {FAST}, µs (the default) | {AUTHORITY}, µs "
+            "| alone ÷ first |",
+            "|---|---|---|---|",
+        ]
+        for v in results.validation:
+            out.append(
+                f"| {v['name']} | {v[FAST]:.1f} | {v[AUTHORITY]:.1f} | "
+                f"{v[AUTHORITY] / v[FAST]:.0f}× |"
+            )
     out += ["", f"Script: {results.script_gzip_bytes} bytes gzipped (budget 2,000)."]
     return "\n".join(out)
 
@@ -564,10 +636,11 @@ def main() -> None:
         schemas.mkdir()
         (schemas / "renewMembership.json").write_text(json.dumps(SCHEMA))
         results = Results(script_gzip_bytes=script_size())
+        results.validation = measure_validation(1 if args.smoke else 3)
         results.rows = measure_ingest(work, schemas, seconds, rounds)
         results.relay = [
             drain(work, schemas, 2_000 if args.smoke else 100_000, 0.0, 16),
-            drain(work, schemas, 500 if args.smoke else 20_000, 0.05, 16 if args.smoke else 64),
+            drain(work, schemas, 500 if args.smoke else 100_000, 0.05, 16 if args.smoke else 64),
         ]
         results.memory = memory_flat(
             work, schemas, 20_000 if args.smoke else 1_000_000, 2 if args.smoke else 15

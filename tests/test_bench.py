@@ -23,4 +23,5 @@ def test_bench_smoke_writes_results_and_chart(tmp_path: Path) -> None:
     results = (tmp_path / "RESULTS.md").read_text()
     assert "baseline" in results
     assert "Memory with 20,000 queued events" in results
+    assert "| browser event, valid |" in results  # validation, both paths
     assert (tmp_path / "ingest.png").read_bytes().startswith(b"\x89PNG")
