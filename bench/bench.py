@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import timeit
 import urllib.request
@@ -572,7 +573,7 @@ def chart(results: Results, path: Path) -> None:
     )
     for p, (c, row) in enumerate(zip(collector, results.rows, strict=True)):
         axis.text(p + 0.2, c, f"{row.ratio:.2f}×", ha="center", va="bottom")
-    axis.set_xticks(list(positions), names)
+    axis.set_xticks(list(positions), [textwrap.fill(name, 20) for name in names])
     axis.set_ylabel("requests per second (wrk, 1 thread, 32 connections)")
     axis.set_title("Ingest against the baseline, same machine, same run")
     axis.legend()
