@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator, SchemaError
 from referencing import Registry, Resource
 from test_fuzz import events, values
 from test_ingest import HOSTILE
+from test_schema import RENEW_SCHEMA
 
 from collector.schema import EventValidator, Kind, fast_validator, portable_pattern
 
@@ -166,27 +167,15 @@ def _compiles_in_rust(schema: dict[str, Any]) -> bool:
     return True
 
 
-# The bench's per-event schema: an enum, a portable pattern, a nested object.
-MEMBERSHIP = {
-    "type": "object",
-    "properties": {
-        "plan": {"enum": ["bronze", "silver", "gold"]},
-        "total": {"type": "string", "pattern": "^[0-9]+\\.[0-9]{2}$"},
-        "membership": {"type": "object", "properties": {"valid": {"type": "boolean"}}},
-    },
-    "required": ["plan"],
-}
-WITH_FAST_PATH = EventValidator({"renewMembership": Draft202012Validator(MEMBERSHIP)})
-AUTHORITY_ONLY = EventValidator({"renewMembership": Draft202012Validator(MEMBERSHIP)}, fast=False)
+WITH_FAST_PATH = EventValidator({"renewMembership": Draft202012Validator(RENEW_SCHEMA)})
+AUTHORITY_ONLY = EventValidator({"renewMembership": Draft202012Validator(RENEW_SCHEMA)}, fast=False)
 KINDS: tuple[Kind, ...] = ("event", "outbound_track", "outbound_identify")
 
 
 def same_answers(instance: object) -> None:
     for kind in KINDS:
-        assert WITH_FAST_PATH.problems(instance, kind) == AUTHORITY_ONLY.problems(instance, kind), (
-            kind,
-            instance,
-        )
+        with_fast_path = WITH_FAST_PATH.problems(instance, kind)
+        assert with_fast_path == AUTHORITY_ONLY.problems(instance, kind), (kind, instance)
 
 
 @pytest.mark.parametrize("instance", corpus())
@@ -200,7 +189,6 @@ MEMBERSHIP_EVENTS = st.fixed_dictionaries(
         "properties": st.fixed_dictionaries(
             {},
             optional={
-                "plan": st.sampled_from(["gold", "platinum", "", 3]),
                 "total": st.one_of(TRICKY_TEXT, st.sampled_from(["45.00", "45.0", "٣.00"])),
                 "membership": st.one_of(values, st.fixed_dictionaries({"valid": values})),
             },
