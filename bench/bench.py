@@ -28,6 +28,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+sys.path.insert(0, str(ROOT / "src"))  # the collector's code, imported where it is measured
 PYTHON = sys.executable
 CONNECTIONS = 32
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -359,7 +360,6 @@ def median_load(loads: list[Load]) -> Load:
 
 def prefill(data_dir: Path, events: int, users: int) -> None:
     """Queue `events` events directly, as if Outbound had been down while they came in."""
-    sys.path.insert(0, str(ROOT / "src"))
     from collector.queue import SQLiteQueue
 
     async def fill() -> None:
@@ -462,7 +462,6 @@ FAST, AUTHORITY = "jsonschema-rs first", "jsonschema alone"
 def measure_validation(turns: int) -> list[dict[str, Any]]:
     """Microseconds per event in the collector's validation (envelope, limits, per-event
     schema), with jsonschema-rs answering "valid" first, and with jsonschema deciding alone."""
-    sys.path.insert(0, str(ROOT / "src"))
     import orjson
     from jsonschema import Draft202012Validator
 
@@ -491,7 +490,6 @@ def measure_validation(turns: int) -> list[dict[str, Any]]:
 
 
 def script_size() -> int:
-    sys.path.insert(0, str(ROOT / "src"))
     from collector.script import Script
 
     return len(Script.packaged().gzipped)
