@@ -611,6 +611,8 @@ def write_results(results: Results, path: Path, smoke: bool) -> None:
         "- Ingest runs with a per-event schema in force and Outbound refusing, so the relay's "
         "circuit is open and quiet: the figures are ingest alone. The relay is measured by "
         "draining a prefilled queue.",
+        "- Validation is timed in-process (timeit, the two paths taking turns three times; "
+        "medians), on the ingest scenarios' events and on one made invalid.",
         "",
         "![ingest against the baseline](ingest.png)",
         "",
