@@ -272,7 +272,8 @@ class SQLiteQueue:
         self._synchronous = synchronous.upper()
         self._dedupe_window = dedupe_window
         self._pruned_at = 0.0
-        self._pending: list[tuple[Operation, asyncio.Future[Any], bool]] = []
+        # What waits for the next group commit, each with its future last.
+        self._pending: list[tuple[Operation, bool, asyncio.Future[Any]]] = []
         self._puts: list[PendingPut] = []
         self._acks: list[tuple[int, asyncio.Future[None]]] = []
         self._work = asyncio.Event()
@@ -352,12 +353,16 @@ class SQLiteQueue:
     async def _submit(self, operation: Operation, *, stores: bool = False) -> Any:
         """Run `operation` in the next group commit. `stores`: it writes new data, so its
         success proves the queue can store again (reads succeed on a full disk too)."""
+        return await self._next_commit(self._pending, operation, stores)
+
+    def _next_commit(self, pending: list[Any], *item: object) -> asyncio.Future[Any]:
+        """A future for `item`'s part in the next group commit, which `pending` feeds."""
         if self._writer is None:
             raise QueueUnavailable("the queue is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((operation, future, stores))
+        pending.append((*item, future))
         self._work.set()
-        return await future
+        return future
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -371,8 +376,8 @@ class SQLiteQueue:
                 continue
             operations = [operation for operation, _, _ in batch]
             acked = [event_id for event_id, _ in acks]
-            futures = [future for _, future in acks] + [future for _, future, _ in batch]
-            futures += [future for _, _, future in puts]
+            futures: list[asyncio.Future[Any]] = [future for _, future in acks]
+            futures += [future for _, _, future in batch] + [future for _, _, future in puts]
             try:
                 if self._executor is None:
                     results, stored = await self._on_the_loop(acked, operations, puts)
@@ -387,7 +392,7 @@ class SQLiteQueue:
                     if not future.done():
                         future.set_exception(failure)
                 continue
-            if puts or any(stores for _, _, stores in batch):
+            if puts or any(stores for _, stores, _ in batch):
                 self._healthy, self.last_error = True, None
             self.commits += 1
             for future, result in zip(
@@ -440,12 +445,7 @@ class SQLiteQueue:
             kept = list(reversed({r["message_id"]: r for r in reversed(records)}.values()))
         rows = [(user_key(r), r["message_id"], r["received_at"], orjson.dumps(r)) for r in kept]
         size = sum(len(row[3]) for row in rows)
-        if self._writer is None:
-            raise QueueUnavailable("the queue is closed")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._puts.append((rows, size, future))
-        self._work.set()
-        duplicates = await future
+        duplicates: int = await self._next_commit(self._puts, rows, size)
         if duplicates < 0:
             raise QueueFull(f"the queue is full ({self.depth} events, {self.bytes} bytes)")
         duplicates += len(records) - len(rows)
@@ -494,7 +494,7 @@ class SQLiteQueue:
                 connection.executemany(_REMEMBER, [(row[1], row[2]) for row in fresh])
             self._counted(len(fresh), sum(len(row[3]) for row in fresh))
         now = max((row[2] for row in fresh), default=0.0)
-        if self._dedupe_window > 0 and now - self._pruned_at > min(self._dedupe_window, 60.0):
+        if dedupe and now - self._pruned_at > min(self._dedupe_window, 60.0):
             self._pruned_at = now
             connection.execute(
                 "DELETE FROM received WHERE received_at < ?", (now - self._dedupe_window,)
@@ -529,12 +529,7 @@ class SQLiteQueue:
 
     async def ack(self, event_id: int) -> None:
         # Acks of one commit go together into one statement, as puts do.
-        if self._writer is None:
-            raise QueueUnavailable("the queue is closed")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks.append((event_id, future))
-        self._work.set()
-        await future
+        await self._next_commit(self._acks, event_id)
 
     async def retry(self, event_id: int, *, available_at: float, error: str) -> None:
         await self._submit(
