@@ -278,31 +278,26 @@ def _class_size(pattern: str, start: int) -> int:
     return 0
 
 
-def _schema_patterns(schema: object) -> Iterator[object]:
-    """Every value of a `pattern` keyword inside a schema."""
+def _members(schema: object) -> Iterator[tuple[str, object]]:
+    """Every key and value of every object inside a schema, at any depth."""
     if isinstance(schema, dict):
         for key, value in schema.items():
-            if key == "pattern":
-                yield value
-            yield from _schema_patterns(value)
+            yield key, value
+            yield from _members(value)
     elif isinstance(schema, list):
         for item in schema:
-            yield from _schema_patterns(item)
+            yield from _members(item)
 
 
 def _uses(schema: object, keywords: frozenset[str]) -> bool:
-    if isinstance(schema, dict):
-        return any(k in keywords or _uses(v, keywords) for k, v in schema.items())
-    if isinstance(schema, list):
-        return any(_uses(item, keywords) for item in schema)
-    return False
+    return any(key in keywords for key, _ in _members(schema))
 
 
 def fast_validator(schema: object) -> Callable[[object], bool] | None:
     """jsonschema-rs' yes/no for a user's schema, unless a "yes" could be wrong."""
     if not isinstance(schema, dict) or _uses(schema, _LIBRARY_DEPENDENT):
         return None
-    patterns = list(_schema_patterns(schema))
+    patterns = [value for key, value in _members(schema) if key == "pattern"]
     if patterns and (
         _uses(schema, _NON_MONOTONE)
         or not all(isinstance(p, str) and portable_pattern(p) for p in patterns)
