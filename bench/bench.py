@@ -138,15 +138,23 @@ def outbound_call(port: int, path: str, body: bytes | None = None) -> Any:
 
 
 def start_collector(
-    data_dir: Path, schemas: Path, outbound_port: int, extra: list[str] | None = None
+    data_dir: Path,
+    schemas: Path,
+    outbound_port: int,
+    extra: list[str] | None = None,
+    rung: str = "full",
 ) -> Process:
+    """The collector as it ships, or one of the lower rungs of `servers.py`."""
     port = free_port()
     env = {
         "OUTBOUND_API_KEY": "bench-key",
         "COLLECTOR_OUTBOUND_URL": f"http://127.0.0.1:{outbound_port}",
         "COLLECTOR_LOG_LEVEL": "warning",
     }
-    command = [PYTHON, "-m", "collector", "serve", "--port", str(port)]
+    command = [PYTHON, "-m", "collector"]
+    if rung != "full":
+        command = [PYTHON, str(BENCH / "servers.py"), "collector", rung]
+    command += ["serve", "--port", str(port)]
     command += ["--data-dir", str(data_dir), "--schemas-dir", str(schemas)]
     command += ["--rate-limit-per-ip", "0", "--rate-limit-per-user", "0", *(extra or [])]
     return start(command, port, env)
@@ -252,7 +260,7 @@ class Row:
         if not self.ratios:
             base = self.baseline.requests_per_second if self.baseline else float("nan")
             return self.full.requests_per_second / base
-        return sorted(self.ratios)[len(self.ratios) // 2]
+        return median(self.ratios)
 
 
 @dataclass
@@ -261,6 +269,7 @@ class Results:
     relay: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     validation: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[Stages] = field(default_factory=list)
     script_gzip_bytes: int = 0
 
 
@@ -274,45 +283,64 @@ def beacon(events: int) -> bytes:
     return json.dumps({"batch": batch, "sent_at": 1764187200.5}, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    events_per_request: int
+    body: bytes
+    path: str = "/e"
+    content_type: str = "text/plain;charset=UTF-8"  # what the script's beacons carry
+    unique: bool = True  # fresh message ids and a browser's anonymous id per request
+    options: tuple[str, ...] = ()
+
+    def script(self, rate: float | None = None) -> str:
+        return lua(self.body, self.path, self.content_type, self.unique, rate)
+
+
+SINGLE = Scenario("single-event beacon (text/plain)", 1, beacon(1))
+BATCH = Scenario("batch of 20 events", 20, beacon(20))
+SCENARIOS = (
+    SINGLE,
+    BATCH,
+    Scenario(
+        "seed-shaped /v2/track",
+        1,
+        json.dumps(SEED).encode(),
+        "/v2/track",
+        "application/json",
+        unique=False,
+    ),
+    # What an operator pays for `durability = "full"`: an fsync per group commit.
+    Scenario(
+        "single-event beacon, durability full", 1, beacon(1), options=("--durability", "full")
+    ),
+)
+# Outbound refuses while ingest is measured: the relay's circuit opens and stays quiet,
+# so these figures are ingest alone. The relay has its own figures.
+QUIET_RELAY = ["--breaker-threshold", "1", "--probe-interval", "3600"]
+
+
+def start_baseline() -> Process:
+    port = free_port()
+    return start([PYTHON, str(BENCH / "servers.py"), "baseline", str(port)], port)
+
+
+def start_refused_outbound() -> Process:
+    outbound = start_outbound()
+    outbound_call(outbound.port, "/mode", b"503")
+    return outbound
+
+
 def measure_ingest(work: Path, schemas: Path, seconds: float, rounds: int) -> list[Row]:
-    beacon_type = "text/plain;charset=UTF-8"
-    scenarios = [
-        ("single-event beacon (text/plain)", 1, beacon(1), "/e", beacon_type, True, []),
-        ("batch of 20 events", 20, beacon(20), "/e", beacon_type, True, []),
-        (
-            "seed-shaped /v2/track",
-            1,
-            json.dumps(SEED).encode(),
-            "/v2/track",
-            "application/json",
-            False,
-            [],
-        ),
-        # What an operator pays for `durability = "full"`: an fsync per group commit.
-        (
-            "single-event beacon, durability full",
-            1,
-            beacon(1),
-            "/e",
-            beacon_type,
-            True,
-            ["--durability", "full"],
-        ),
-    ]
     rows = []
-    for name, events, body, path, content_type, unique, options in scenarios:
-        script = lua(body, path, content_type, unique, None)
-        base_port = free_port()
-        baseline = start([PYTHON, str(BENCH / "servers.py"), "baseline", str(base_port)], base_port)
-        outbound = start_outbound()
-        # Outbound refuses while ingest is measured: the relay's circuit opens and stays
-        # quiet, so these figures are ingest alone. The relay has its own figures below.
-        outbound_call(outbound.port, "/mode", b"503")
+    for scenario in SCENARIOS:
+        script = scenario.script()
+        baseline, outbound = start_baseline(), start_refused_outbound()
         collector = start_collector(
             Path(tempfile.mkdtemp(dir=work)),
             schemas,
             outbound.port,
-            ["--breaker-threshold", "1", "--probe-interval", "3600", *options],
+            [*QUIET_RELAY, *scenario.options],
         )
         try:
             run_wrk(collector.port, script, 1, work)  # warm-up
@@ -320,20 +348,18 @@ def measure_ingest(work: Path, schemas: Path, seconds: float, rounds: int) -> li
             # baseline and collector take turns, and each figure is the median of its turns.
             bases, fulls, cpu = [], [], 0.0
             for _ in range(rounds):
-                bases.append(run_wrk(base_port, script, seconds, work))
+                bases.append(run_wrk(baseline.port, script, seconds, work))
                 cpu_before = collector.cpu_seconds()
                 fulls.append(run_wrk(collector.port, script, seconds, work))
                 cpu += collector.cpu_seconds() - cpu_before
             base_full, full = median_load(bases), median_load(fulls)
             half = run_wrk(
-                collector.port,
-                lua(body, path, content_type, unique, full.requests_per_second / 2),
-                seconds * 2,
-                work,
+                collector.port, scenario.script(full.requests_per_second / 2), seconds * 2, work
             )
+            events = scenario.events_per_request
             rows.append(
                 Row(
-                    name,
+                    scenario.name,
                     events,
                     full,
                     half,
@@ -353,9 +379,171 @@ def measure_ingest(work: Path, schemas: Path, seconds: float, rounds: int) -> li
     return rows
 
 
+def median(values: list[float]) -> float:
+    """The middle value (the upper of the two middle ones for an even count)."""
+    return sorted(values)[len(values) // 2]
+
+
 def median_load(loads: list[Load]) -> Load:
     """The turn with the median rate (its latencies come with it)."""
     return sorted(loads, key=lambda load: load.requests_per_second)[len(loads) // 2]
+
+
+RUNGS = {
+    "baseline": "bare aiohttp: reads the body, answers 204",
+    "answer": "the collector's app; its handler reads the body, answers 202",
+    "checks": "+ parse, validate and enrich each event; nothing stored",
+    "full": "+ the durable group commit (SQLite): the collector as it ships",
+}
+# Where a profiled sample's time goes: the innermost frame that matches decides. A frame
+# reads "function (path:line)", as py-spy writes it.
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("idle", ("Condition.wait (threading", "Event.wait (threading")),
+    ("checkpoints (their own thread)", ("Checkpointer.",)),
+    (
+        "group commit (SQLite), on the loop",
+        ("SQLiteQueue._write_loop", "SQLiteQueue._on_the_loop", "SQLiteQueue._transaction"),
+    ),
+    ("records to rows (queue put)", ("SQLiteQueue.put",)),
+    ("validation", ("EventValidator.",)),
+    ("enrichment", ("(collector/enrich.py", "sender_of (collector/ingest.py")),
+    (
+        "body: read and parse",
+        ("read_body (collector/", "decode (collector/", "split_batch (collector/"),
+    ),
+    ("ingest: the rest (sender, limits, answer, metrics)", ("(collector/ingest.py",)),
+    (
+        "HTTP: aiohttp, middleware, headers",
+        ("(aiohttp/", "(multidict/", "(yarl/", "(collector/deadline.py", "(collector/logs.py"),
+    ),
+    ("HTTP: aiohttp, middleware, headers", ("(collector/app.py",)),
+)
+OTHER_STAGE = "event loop and the rest"
+
+
+def stage_of(frames: list[str]) -> str:
+    """The stage a sampled stack (outermost frame first) spends its time in."""
+    for frame in reversed(frames):
+        for stage, needles in STAGES:
+            if any(needle in frame for needle in needles):
+                return stage
+    return OTHER_STAGE
+
+
+def stage_shares(raw: str) -> dict[str, float]:
+    """Each stage's share of the busy samples in py-spy's raw output (idle waits left out)."""
+    counts: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stage = stage_of(stack.split(";"))
+            counts[stage] = counts.get(stage, 0) + int(count)
+    counts.pop("idle", None)
+    total = sum(counts.values()) or 1
+    return {stage: count / total for stage, count in counts.items()}
+
+
+@dataclass
+class Stages:
+    """One scenario's ladder from the baseline to the whole collector, and a profile."""
+
+    scenario: Scenario
+    rates: dict[str, float]  # rung: median req/s
+    ratios: dict[str, float]  # rung: median of the turns' ratios to the baseline
+    cpu_us: dict[str, float]  # rung: CPU µs per request, the process's threads together
+    profile: dict[str, float]  # stage: share of the full collector's busy samples
+    profiled_cpu_us: float  # CPU µs per request while profiled (py-spy slows it down)
+
+
+def py_spy() -> str:
+    beside = Path(PYTHON).parent / "py-spy"
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if found is None:
+        sys.exit("bench: py-spy is missing (bench/run installs it)")
+    return found
+
+
+def profile(process: Process, script: str, seconds: float, work: Path) -> tuple[str, float]:
+    """py-spy's raw stacks of `process` under load, and its CPU µs per request meanwhile."""
+    output = work / f"profile-{time.monotonic_ns()}.txt"
+    spy = subprocess.Popen(
+        [
+            py_spy(),
+            "record",
+            "--pid",
+            str(process.popen.pid),
+            "--rate",
+            "200",
+            "--duration",
+            str(max(1, round(seconds)) + 1),
+            "--format",
+            "raw",
+            "--nonblocking",  # samples without stopping the process, so it runs as it would
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.5)  # py-spy attaches
+    cpu_before = process.cpu_seconds()
+    load = run_wrk(process.port, script, seconds, work)
+    cpu = process.cpu_seconds() - cpu_before
+    _, errors = spy.communicate(timeout=60)
+    if spy.returncode != 0 or not output.exists():
+        sys.exit(f"bench: py-spy failed: {errors.decode()[-500:]}")
+    return output.read_text(), cpu / max(1, load.requests) * 1e6
+
+
+def measure_stages(work: Path, schemas: Path, seconds: float, rounds: int) -> list[Stages]:
+    """What each step from the baseline to the whole collector costs, taking turns; then a
+    profile of the whole collector by stage."""
+    found = []
+    for scenario in (SINGLE, BATCH):
+        script = scenario.script()
+        outbound = start_refused_outbound()
+        processes = {"baseline": start_baseline()}
+        for rung in ("answer", "checks", "full"):
+            processes[rung] = start_collector(
+                Path(tempfile.mkdtemp(dir=work)), schemas, outbound.port, QUIET_RELAY, rung
+            )
+        try:
+            for process in processes.values():
+                run_wrk(process.port, script, 1, work)  # warm-up
+            loads: dict[str, list[Load]] = {rung: [] for rung in processes}
+            cpu: dict[str, float] = dict.fromkeys(processes, 0.0)
+            for _ in range(rounds):
+                for rung, process in processes.items():
+                    cpu_before = process.cpu_seconds()
+                    loads[rung].append(run_wrk(process.port, script, seconds, work))
+                    cpu[rung] += process.cpu_seconds() - cpu_before
+            raw, profiled_cpu_us = profile(processes["full"], script, seconds, work)
+        finally:
+            for process in [*processes.values(), outbound]:
+                process.stop()
+
+        bases = [load.requests_per_second for load in loads["baseline"]]
+        found.append(
+            Stages(
+                scenario,
+                rates={
+                    r: median([load.requests_per_second for load in ls]) for r, ls in loads.items()
+                },
+                ratios={
+                    r: median(
+                        [load.requests_per_second / b for load, b in zip(ls, bases, strict=True)]
+                    )
+                    for r, ls in loads.items()
+                },
+                cpu_us={
+                    r: cpu[r] / max(1, sum(load.requests for load in loads[r])) * 1e6
+                    for r in processes
+                },
+                profile=stage_shares(raw),
+                profiled_cpu_us=profiled_cpu_us,
+            )
+        )
+    return found
 
 
 def prefill(data_dir: Path, events: int, users: int) -> None:
@@ -485,7 +673,7 @@ def measure_validation(turns: int) -> list[dict[str, Any]]:
                 check = functools.partial(validator.problems, event, kind, encoded)
                 number, seconds = timeit.Timer(check).autorange()
                 timings[path].append(seconds / number * 1e6)
-        rows.append({"name": name, **{p: sorted(t)[len(t) // 2] for p, t in timings.items()}})
+        rows.append({"name": name, **{p: median(t) for p, t in timings.items()}})
     return rows
 
 
@@ -546,6 +734,48 @@ def table(results: Results) -> str:
                 f"{v[AUTHORITY] / v[FAST]:.0f}× |"
             )
     out += ["", f"Script: {results.script_gzip_bytes} bytes gzipped (budget 2,000)."]
+    if results.stages:
+        out += ["", stages_table(results.stages)]
+    return "\n".join(out)
+
+
+def stages_table(found: list[Stages]) -> str:
+    """The ladder from the baseline to the whole collector, then the whole one's profile."""
+    names = " | ".join(f"{s.scenario.name}: req/s | ratio | CPU µs / request" for s in found)
+    out = [
+        "Where the time goes: the rungs from the baseline to the whole collector take turns "
+        "under the same load (CPU is the process's, all its threads).",
+        "",
+        f"| rung | what it does | {names} |",
+        "|---|---|" + "---|---|---|" * len(found),
+    ]
+    for rung, what in RUNGS.items():
+        cells = " | ".join(
+            f"{s.rates[rung]:,.0f} | {s.ratios[rung]:.2f} | {s.cpu_us[rung]:.0f}" for s in found
+        )
+        out.append(f"| {rung} | {what} | {cells} |")
+    order = sorted(
+        {stage for s in found for stage in s.profile},
+        key=lambda stage: -max(s.profile.get(stage, 0.0) for s in found),
+    )
+    names = " | ".join(f"{s.scenario.name}: share | µs / request" for s in found)
+    out += [
+        "",
+        "The whole collector under the same load, profiled with py-spy (200 samples a second, "
+        "not stopping it): each stage's share of the busy samples, and that share of the "
+        "CPU per request measured meanwhile ("
+        + ", ".join(f"{s.profiled_cpu_us:.0f} µs {s.scenario.name}" for s in found)
+        + ").",
+        "",
+        f"| stage | {names} |",
+        "|---|" + "---|---|" * len(found),
+    ]
+    for stage in order:
+        cells = " | ".join(
+            f"{s.profile.get(stage, 0.0):.0%} | {s.profile.get(stage, 0.0) * s.profiled_cpu_us:.0f}"
+            for s in found
+        )
+        out.append(f"| {stage} | {cells} |")
     return "\n".join(out)
 
 
@@ -639,6 +869,7 @@ def main() -> None:
         results = Results(script_gzip_bytes=script_size())
         results.validation = measure_validation(1 if args.smoke else 3)
         results.rows = measure_ingest(work, schemas, seconds, rounds)
+        results.stages = measure_stages(work, schemas, seconds, rounds)
         results.relay = [
             drain(work, schemas, 2_000 if args.smoke else 100_000, 0.0, 16),
             drain(work, schemas, 500 if args.smoke else 100_000, 0.05, 16 if args.smoke else 64),

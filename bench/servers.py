@@ -2,11 +2,17 @@
 
     python bench/servers.py baseline PORT
     python bench/servers.py outbound PORT DELAY_SECONDS
+    python bench/servers.py collector RUNG serve [OPTIONS]
 
 The baseline is the ceiling: a bare aiohttp app in the same Python, one process, access
 log off, whose handler reads the body and answers 204. The fake Outbound answers every
 call (after DELAY_SECONDS), counts them (and notes when the first and the latest came),
 and fails on demand (POST /mode with a status).
+
+The collector rungs show where its time goes between the baseline and the whole of it:
+`answer` is the collector's app (middleware, headers, routes) whose event handlers read
+the body and answer 202 without looking at it; `checks` reads, parses, validates and
+enriches each event and answers, but stores nothing; `full` is the collector as it ships.
 """
 
 from __future__ import annotations
@@ -27,6 +33,30 @@ def baseline(port: int) -> None:
     app = web.Application()
     app.router.add_post("/{tail:.*}", handle)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+RUNGS = ("answer", "checks", "full")
+
+
+def collector(rung: str, argv: list[str]) -> int:
+    from collector import cli, ingest
+    from collector.ingest import Verdicts, json_response
+
+    if rung == "answer":
+
+        async def answer_only(request: web.Request, *_: object) -> web.Response:
+            await request.read()
+            return json_response({"accepted": 1, "rejected": []}, 202)
+
+        ingest._handle = answer_only  # type: ignore[assignment]
+    elif rung == "checks":
+
+        async def unstored(app: web.Application, verdicts: Verdicts) -> web.Response:
+            answer = {"accepted": len(verdicts.records), "rejected": verdicts.rejected}
+            return json_response(answer, 202 if verdicts.records else 400)
+
+        ingest.store = unstored
+    return cli.main(argv)
 
 
 class FakeOutbound(asyncio.Protocol):
@@ -105,7 +135,10 @@ if __name__ == "__main__":
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    kind, port = sys.argv[1], int(sys.argv[2])
+    kind = sys.argv[1]
+    if kind == "collector":
+        sys.exit(collector(sys.argv[2], sys.argv[3:]))
+    port = int(sys.argv[2])
     if kind == "baseline":
         baseline(port)
     else:

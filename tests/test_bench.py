@@ -6,7 +6,91 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench import OTHER_STAGE, stage_of, stage_shares  # noqa: E402 (bench is not a package)
+
+LOOP = "run (asyncio/runners.py:118)"
+HANDLER = [
+    LOOP,
+    "RequestHandler._handle_request (aiohttp/web_protocol.py:510)",
+    "request_ids (collector/logs.py:70)",
+    "post_event (collector/ingest.py:497)",
+    "_answer (collector/ingest.py:450)",
+]
+
+
+@pytest.mark.parametrize(
+    ("frames", "stage"),
+    [
+        ([LOOP], OTHER_STAGE),
+        (HANDLER[:2], "HTTP: aiohttp, middleware, headers"),
+        (HANDLER[:3], "HTTP: aiohttp, middleware, headers"),
+        (HANDLER, "ingest: the rest (sender, limits, answer, metrics)"),
+        # The innermost frame that belongs to a stage decides, not the outermost.
+        (
+            [*HANDLER, "judge (collector/ingest.py:280)", "enrich (collector/enrich.py:120)"],
+            "enrichment",
+        ),
+        (
+            [
+                *HANDLER,
+                "judge (collector/ingest.py:275)",
+                "EventValidator.problems (collector/schema.py:425)",
+            ],
+            "validation",
+        ),
+        (
+            [*HANDLER, "Counter.inc (prometheus_client/metrics.py:300)"],
+            "ingest: the rest (sender, limits, answer, metrics)",
+        ),
+        ([*HANDLER, "read_body (collector/ingest.py:80)"], "body: read and parse"),
+        (
+            [LOOP, "SQLiteQueue._write_loop (collector/queue.py:380)"],
+            "group commit (SQLite), on the loop",
+        ),
+        (
+            [
+                *HANDLER,
+                "store (collector/ingest.py:420)",
+                "SQLiteQueue.put (collector/queue.py:470)",
+            ],
+            "records to rows (queue put)",
+        ),
+        (
+            ["Thread._bootstrap (threading.py:1002)", "Checkpointer._run (collector/queue.py:193)"],
+            "checkpoints (their own thread)",
+        ),
+        (
+            [
+                "Thread._bootstrap (threading.py:1002)",
+                "Checkpointer._run (collector/queue.py:188)",
+                "Event.wait (threading.py:629)",
+                "Condition.wait (threading.py:331)",
+            ],
+            "idle",
+        ),
+    ],
+)
+def test_a_sample_belongs_to_its_innermost_stage(frames: list[str], stage: str) -> None:
+    assert stage_of(frames) == stage
+
+
+def test_stage_shares_count_busy_samples_only() -> None:
+    raw = "\n".join(
+        [
+            f"{';'.join([*HANDLER, 'read_body (collector/ingest.py:80)'])} 30",
+            f"{';'.join([LOOP, 'SQLiteQueue._transaction (collector/queue.py:420)'])} 10",
+            "Thread._bootstrap (threading.py:1);Event.wait (threading.py:629) 60",
+        ]
+    )
+    assert stage_shares(raw) == {
+        "body: read and parse": 0.75,
+        "group commit (SQLite), on the loop": 0.25,
+    }
 
 
 def test_bench_smoke_writes_results_and_chart(tmp_path: Path) -> None:
@@ -24,4 +108,6 @@ def test_bench_smoke_writes_results_and_chart(tmp_path: Path) -> None:
     assert "baseline" in results
     assert "Memory with 20,000 queued events" in results
     assert "| browser event, valid |" in results  # validation, both paths
+    assert "| checks | + parse, validate and enrich" in results  # the ladder of rungs
+    assert "| group commit (SQLite), on the loop |" in results  # the profile by stage
     assert (tmp_path / "ingest.png").read_bytes().startswith(b"\x89PNG")
