@@ -108,6 +108,41 @@ def test_bench_smoke_writes_results_and_chart(tmp_path: Path) -> None:
     assert "baseline" in results
     assert "Memory with 20,000 queued events" in results
     assert "| browser event, valid |" in results  # validation, both paths
+    assert "| target | this run | met |" in results
     assert "| checks | + parse, validate and enrich" in results  # the ladder of rungs
     assert "| group commit (SQLite), on the loop |" in results  # the profile by stage
     assert (tmp_path / "ingest.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_targets_are_judged_at_their_thresholds() -> None:
+    from bench import BATCH, FULL_DURABILITY, SINGLE, Load, Results, Row, targets
+
+    def row(name: str, events: int, rate: float, half_p99: float, ratio: float) -> Row:
+        full = Load(rate, 1.0, 20.0, 1000, 0)
+        return Row(
+            name, events, full, Load(rate / 2, 1.0, half_p99, 500, 0), 1.0, 50.0, ratios=[ratio]
+        )
+
+    results = Results(
+        rows=[
+            row(SINGLE.name, 1, 9_000, 10.0, 0.6),
+            row(BATCH.name, 20, 1_999.95, 10.01, 0.3),
+            row(FULL_DURABILITY.name, 1, 4_000, 30.0, 0.2),
+        ],
+        relay=[
+            {"limit": None, "ratio_to_limit": None, "events_per_second": 4_999.0},
+            {"limit": 1_280.0, "ratio_to_limit": 0.9, "events_per_second": 1_150.0},
+        ],
+        memory={"queued": 1_000_000, "peak_rss_mb": 150.5},
+        script_gzip_bytes=2_000,
+    )
+    assert [(what.split(":")[0], met) for what, _, met in targets(results)] == [
+        ("single-event ingest ≥ 0.6 of the baseline", True),
+        ("batched ingest ≥ 40,000 events/s", False),  # 39,999
+        ("p99 at half load ≤ 10 ms", True),
+        ("p99 at half load ≤ 10 ms", False),
+        ("relay ≥ 5,000 events/s, Outbound at once", False),
+        ("relay ≥ 0.9 of concurrency ÷ latency, slow Outbound", True),
+        ("peak RSS ≤ 150 MB, 1,000,000 queued events", False),
+        ("script ≤ 2,000 bytes gzipped", True),
+    ]
