@@ -411,9 +411,15 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ingest: the rest (sender, limits, answer, metrics)", ("(collector/ingest.py",)),
     (
         "HTTP: aiohttp, middleware, headers",
-        ("(aiohttp/", "(multidict/", "(yarl/", "(collector/deadline.py", "(collector/logs.py"),
+        (
+            "(aiohttp/",
+            "(multidict/",
+            "(yarl/",
+            "(collector/deadline.py",
+            "(collector/logs.py",
+            "(collector/app.py",
+        ),
     ),
-    ("HTTP: aiohttp, middleware, headers", ("(collector/app.py",)),
 )
 OTHER_STAGE = "event loop and the rest"
 
@@ -449,7 +455,7 @@ class Stages:
     ratios: dict[str, float]  # rung: median of the turns' ratios to the baseline
     cpu_us: dict[str, float]  # rung: CPU µs per request, the process's threads together
     profile: dict[str, float]  # stage: share of the full collector's busy samples
-    profiled_cpu_us: float  # CPU µs per request while profiled (py-spy slows it down)
+    profiled_cpu_us: float  # CPU µs per request while py-spy sampled it
 
 
 def py_spy() -> str:
@@ -500,7 +506,7 @@ def measure_stages(work: Path, schemas: Path, seconds: float, rounds: int) -> li
         script = scenario.script()
         outbound = start_refused_outbound()
         processes = {"baseline": start_baseline()}
-        for rung in ("answer", "checks", "full"):
+        for rung in list(RUNGS)[1:]:  # the collector's, after the baseline
             processes[rung] = start_collector(
                 Path(tempfile.mkdtemp(dir=work)), schemas, outbound.port, QUIET_RELAY, rung
             )
