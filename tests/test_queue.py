@@ -196,6 +196,56 @@ async def test_a_write_lock_held_elsewhere_does_not_stop_the_event_loop(
     assert (await queue.stats()).depth == 2
 
 
+async def test_a_commit_waiting_on_a_restart_goes_as_soon_as_the_checkpointer_is_done(
+    queue: SQLiteQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue_module, "LOCK_POLL", 3600.0)  # no retry but on the signal
+    assert queue._checkpointer is not None
+    other = sqlite3.connect(queue.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the lock, as the checkpointer's restart holds it
+    put = asyncio.create_task(queue.put([rec("a", 1)]))
+    await asyncio.sleep(0.05)
+    assert not put.done()
+    other.execute("COMMIT")
+    other.close()
+    # The checkpointer says so from its own thread, as after a restart.
+    await asyncio.to_thread(queue._checkpointer._released)
+    assert await asyncio.wait_for(put, 60) == 0
+    assert (await queue.stats()).depth == 1
+
+
+def test_the_checkpointer_says_when_a_restart_is_over(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("CREATE TABLE t (x)")
+    released: list[int] = []
+
+    def checkpointer(restart_frames: int) -> queue_module.Checkpointer:
+        return queue_module.Checkpointer(
+            path,
+            interval=1,
+            restart_frames=restart_frames,
+            commits=lambda: 0,
+            released=lambda: released.append(restart_frames),
+        )
+
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        for n in range(20):
+            writer.execute("INSERT INTO t VALUES (?)", (n,))
+        checkpointer(10_000).checkpoint(reader)  # a passive one only: no lock taken
+        assert released == []
+        for n in range(20):
+            writer.execute("INSERT INTO t VALUES (?)", (n,))
+        checkpointer(2).checkpoint(reader)  # past the frames: a restart, then the word
+        assert released == [2]
+    finally:
+        reader.close()
+        writer.close()
+
+
 async def test_full_synchronous_mode_is_applied(tmp_path: Path) -> None:
     q = SQLiteQueue(tmp_path / "q.sqlite3", synchronous="full")
     await q.open()

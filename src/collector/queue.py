@@ -133,6 +133,7 @@ _INSERT_EVENT = (
 )
 _REMEMBER = "INSERT OR IGNORE INTO received (message_id, received_at) VALUES (?, ?)"
 BUSY_TIMEOUT = 5.0  # seconds to wait for another connection's write lock
+LOCK_POLL = 0.001  # seconds between tries while a connection that does not say when holds it
 _ID_CHUNK = 500  # message ids looked up per statement, well below SQLite's variable limit
 Row = tuple[str, str, float, bytes]
 
@@ -155,19 +156,26 @@ class Checkpointer:
     newest commits in the log, which would only grow. Past `restart_frames` pages, a
     restart checkpoint takes a gap between commits to copy the little that is left, and
     the next commit writes the log from its start again (meanwhile, commits wait without
-    stopping the event loop). The committing connection keeps SQLite's own checkpoint at
-    twice that, for when this thread falls behind: a bounded log keeps a full disk
-    recoverable, since the database file must grow by what the log holds before the log
-    can be reused.
+    stopping the event loop, and `released` tells them the moment the restart is over).
+    The committing connection keeps SQLite's own checkpoint at twice that, for when this
+    thread falls behind: a bounded log keeps a full disk recoverable, since the database
+    file must grow by what the log holds before the log can be reused.
     """
 
     def __init__(
-        self, path: Path, *, interval: float, restart_frames: int, commits: Callable[[], int]
+        self,
+        path: Path,
+        *,
+        interval: float,
+        restart_frames: int,
+        commits: Callable[[], int],
+        released: Callable[[], object] = lambda: None,
     ) -> None:
         self._path = path
         self._interval = interval
         self._restart_frames = restart_frames
         self._commits = commits  # the committer's count: nothing new, nothing to copy
+        self._released = released  # called on this thread once a restart lets go of the lock
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-checkpoint", daemon=True)
         self.checkpoints = 0
@@ -201,7 +209,10 @@ class Checkpointer:
     def checkpoint(self, connection: sqlite3.Connection) -> None:
         _, frames, _ = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if frames >= self._restart_frames:
-            connection.execute("PRAGMA wal_checkpoint(RESTART)")
+            try:
+                connection.execute("PRAGMA wal_checkpoint(RESTART)")
+            finally:
+                self._released()
         self.checkpoints += 1
         self.last_error = None
 
@@ -277,6 +288,7 @@ class SQLiteQueue:
         self._puts: list[PendingPut] = []
         self._acks: list[tuple[int, asyncio.Future[None]]] = []
         self._work = asyncio.Event()
+        self._lock_free = asyncio.Event()  # set by the checkpointer when a restart is over
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None
@@ -300,11 +312,13 @@ class SQLiteQueue:
             self._connection = self._connect()
             self._connection.execute(f"PRAGMA wal_autocheckpoint={self._wal_frames_limit}")
             self._connection.execute("PRAGMA busy_timeout=0")  # _on_the_loop waits instead
+            loop = asyncio.get_running_loop()
             self._checkpointer = Checkpointer(
                 self.path,
                 interval=self._checkpoint_interval,
                 restart_frames=self._wal_frames_limit // 2,
                 commits=lambda: self.commits,
+                released=lambda: loop.call_soon_threadsafe(self._lock_free.set),
             )
             self._checkpointer.start()
         self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
@@ -406,16 +420,20 @@ class SQLiteQueue:
     ) -> tuple[list[Any], list[int]]:
         """The transaction, on the event loop. While another connection holds the write lock
         (the checkpointer restarting the log, a dead-letters command) it waits here rather
-        than in SQLite, so that the loop goes on reading and checking requests meanwhile."""
+        than in SQLite, so that the loop goes on reading and checking requests meanwhile:
+        until the checkpointer says its restart is over, or for `LOCK_POLL` (others)."""
         deadline = time.monotonic() + BUSY_TIMEOUT
         while True:
+            self._lock_free.clear()  # before trying: a release from now on ends the wait
             try:
                 return self._transaction(acked, operations, puts)
             except sqlite3.OperationalError as error:
                 busy = error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
                 if not busy or time.monotonic() > deadline:
                     raise
-            await asyncio.sleep(0.001)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LOCK_POLL):
+                    await self._lock_free.wait()
 
     def _transaction(
         self, acked: list[int], operations: list[Operation], puts: list[PendingPut]
