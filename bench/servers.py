@@ -42,6 +42,8 @@ def collector(rung: str, argv: list[str]) -> int:
     from collector import cli, ingest
     from collector.ingest import Verdicts, json_response
 
+    if rung not in RUNGS:
+        sys.exit(f"servers.py: no rung {rung!r}; one of {', '.join(RUNGS)}")
     if rung == "answer":
 
         async def answer_only(request: web.Request, *_: object) -> web.Response:
