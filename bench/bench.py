@@ -341,32 +341,23 @@ def measure_ingest(work: Path, schemas: Path, seconds: float, rounds: int) -> li
         )
         try:
             run_wrk(collector.port, script, 1, work)  # warm-up
-            # The machine's speed drifts by tens of percent from one minute to the next:
-            # baseline and collector take turns, and each figure is the median of its turns.
-            bases, fulls, cpu = [], [], 0.0
-            for _ in range(rounds):
-                bases.append(run_wrk(baseline.port, script, seconds, work))
-                cpu_before = collector.cpu_seconds()
-                fulls.append(run_wrk(collector.port, script, seconds, work))
-                cpu += collector.cpu_seconds() - cpu_before
-            base_full, full = median_load(bases), median_load(fulls)
+            loads, cpu_us = take_turns(
+                {"baseline": baseline, "full": collector}, script, seconds, rounds, work
+            )
+            base_full, full = median_load(loads["baseline"]), median_load(loads["full"])
             half = run_wrk(
                 collector.port, scenario.script(full.requests_per_second / 2), seconds * 2, work
             )
-            events = scenario.events_per_request
             rows.append(
                 Row(
                     scenario.name,
-                    events,
+                    scenario.events_per_request,
                     full,
                     half,
-                    cpu_per_10k=cpu / max(1, sum(f.requests for f in fulls) * events) * 10_000,
+                    cpu_per_10k=cpu_us["full"] / scenario.events_per_request / 100,
                     peak_rss_mb=collector.memory("VmHWM"),
                     baseline=base_full,
-                    ratios=[
-                        f.requests_per_second / b.requests_per_second
-                        for f, b in zip(fulls, bases, strict=True)
-                    ],
+                    ratios=turn_ratios(loads["full"], loads["baseline"]),
                 )
             )
         finally:
@@ -374,6 +365,33 @@ def measure_ingest(work: Path, schemas: Path, seconds: float, rounds: int) -> li
             outbound.stop()
             baseline.stop()
     return rows
+
+
+def take_turns(
+    processes: dict[str, Process], script: str, seconds: float, rounds: int, work: Path
+) -> tuple[dict[str, list[Load]], dict[str, float]]:
+    """Each process under the same load in turn, `rounds` times over: the machine's speed
+    drifts by tens of percent from one minute to the next, so whatever is compared takes
+    turns. Each one's loads, and its CPU µs per request over all its turns."""
+    loads: dict[str, list[Load]] = {name: [] for name in processes}
+    cpu = dict.fromkeys(processes, 0.0)
+    for _ in range(rounds):
+        for name, process in processes.items():
+            cpu_before = process.cpu_seconds()
+            loads[name].append(run_wrk(process.port, script, seconds, work))
+            cpu[name] += process.cpu_seconds() - cpu_before
+    return loads, {
+        name: cpu[name] / max(1, sum(load.requests for load in loads[name])) * 1e6
+        for name in processes
+    }
+
+
+def turn_ratios(loads: list[Load], bases: list[Load]) -> list[float]:
+    """Requests per second against the baseline's, turn by turn."""
+    return [
+        load.requests_per_second / base.requests_per_second
+        for load, base in zip(loads, bases, strict=True)
+    ]
 
 
 def median(values: list[float]) -> float:
@@ -513,35 +531,19 @@ def measure_stages(work: Path, schemas: Path, seconds: float, rounds: int) -> li
         try:
             for process in processes.values():
                 run_wrk(process.port, script, 1, work)  # warm-up
-            loads: dict[str, list[Load]] = {rung: [] for rung in processes}
-            cpu: dict[str, float] = dict.fromkeys(processes, 0.0)
-            for _ in range(rounds):
-                for rung, process in processes.items():
-                    cpu_before = process.cpu_seconds()
-                    loads[rung].append(run_wrk(process.port, script, seconds, work))
-                    cpu[rung] += process.cpu_seconds() - cpu_before
+            loads, cpu_us = take_turns(processes, script, seconds, rounds, work)
             raw, profiled_cpu_us = profile(processes["full"], script, seconds, work)
         finally:
             for process in [*processes.values(), outbound]:
                 process.stop()
-
-        bases = [load.requests_per_second for load in loads["baseline"]]
         found.append(
             Stages(
                 scenario,
                 rates={
                     r: median([load.requests_per_second for load in ls]) for r, ls in loads.items()
                 },
-                ratios={
-                    r: median(
-                        [load.requests_per_second / b for load, b in zip(ls, bases, strict=True)]
-                    )
-                    for r, ls in loads.items()
-                },
-                cpu_us={
-                    r: cpu[r] / max(1, sum(load.requests for load in loads[r])) * 1e6
-                    for r in processes
-                },
+                ratios={r: median(turn_ratios(ls, loads["baseline"])) for r, ls in loads.items()},
+                cpu_us=cpu_us,
                 profile=stage_shares(raw),
                 profiled_cpu_us=profiled_cpu_us,
             )
