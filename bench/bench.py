@@ -28,7 +28,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-sys.path.insert(0, str(ROOT / "src"))  # the collector's code, imported where it is measured
+sys.path.insert(0, str(ROOT))  # the collector's code, imported where it is measured
 PYTHON = sys.executable
 CONNECTIONS = 32
 TICKS = os.sysconf("SC_CLK_TCK")

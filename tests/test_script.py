@@ -84,13 +84,13 @@ def test_gzipped_script_is_within_budget() -> None:
 def test_minified_build_is_reproducible(tmp_path: Path) -> None:
     rebuilt = tmp_path / "s.min.js"
     subprocess.run([str(ROOT / "scripts" / "build-script"), str(rebuilt)], check=True, timeout=120)
-    committed = ROOT / "src" / "collector" / "static" / "s.min.js"
+    committed = ROOT / "static" / "s.min.js"
     assert rebuilt.read_bytes() == committed.read_bytes(), "run scripts/build-script and commit"
 
 
 @pytest.mark.parametrize("name", ["s.js", "s.min.js"])
 def test_script_is_es5(name: str) -> None:
-    source = ROOT / "src" / "collector" / "static" / name
+    source = ROOT / "static" / name
     check = (
         "const acorn = require('acorn');"
         "acorn.parse(require('fs').readFileSync(process.argv[1], 'utf8'), {ecmaVersion: 5});"

@@ -19,6 +19,11 @@ SCRIPT_PATH_MARK = b"{{SCRIPT_PATH}}"
 CACHE_CONTROL = "public, max-age=3600, stale-while-revalidate=86400"
 
 
+def static_file(name: str) -> bytes:
+    """Read a file of static/: collector/static in the wheel, mapped there by pyproject.toml."""
+    return resources.files("collector.static").joinpath(name).read_bytes()
+
+
 @dataclass(frozen=True, slots=True)
 class Script:
     """The script's bytes, their gzip form, an ETag and the Subresource Integrity hash."""
@@ -31,7 +36,7 @@ class Script:
     @classmethod
     def packaged(cls, event_path: str = "/e", script_path: str = "/s.js") -> Script:
         """The built script (static/s.min.js) with the collector's paths filled in."""
-        source = resources.files("collector").joinpath("static", "s.min.js").read_bytes()
+        source = static_file("s.min.js")
         for mark, path in ((EVENT_PATH_MARK, event_path), (SCRIPT_PATH_MARK, script_path)):
             if mark not in source:
                 raise ValueError(f"static/s.min.js lacks its {mark.decode()} placeholder")

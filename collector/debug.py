@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from importlib import resources
 from typing import Any
 
 import orjson
@@ -14,6 +13,7 @@ from aiohttp import web
 from .config import Settings
 from .keys import DEBUG_HUB, SETTINGS
 from .live import CLOSE
+from .script import static_file
 
 log = logging.getLogger("collector.debug")
 
@@ -22,7 +22,7 @@ HEARTBEAT = 15.0
 
 
 def _page(name: str) -> bytes:
-    return resources.files("collector").joinpath("static", name).read_bytes()
+    return static_file(name)
 
 
 def _admin(request: web.Request, settings: Settings) -> bool:

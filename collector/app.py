@@ -6,7 +6,6 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
-from importlib import resources
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -35,7 +34,7 @@ from .outbound import DryRunOutbound, HttpOutbound, Outbound
 from .queue import SQLiteQueue
 from .relay import Relay
 from .schema import EventValidator, Shape, load_event_schemas
-from .script import Script
+from .script import Script, static_file
 
 log = logging.getLogger("collector.app")
 
@@ -146,7 +145,7 @@ def _loopback(address: str | None) -> bool:
 async def get_asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     kind = {"live.js": "application/javascript", "live.css": "text/css"}[name]
-    body = resources.files("collector").joinpath("static", name).read_bytes()
+    body = static_file(name)
     return web.Response(body=body, content_type=kind, charset="utf-8")
 
 
