@@ -75,7 +75,7 @@ async def relay_context(app: web.Application) -> AsyncIterator[None]:
             settings.outbound_url,
             key,
             settings.relay_timeout,
-            max_idle=settings.relay_concurrency * 2,
+            concurrency=settings.relay_concurrency,
         )
     relay = Relay(app[QUEUE], outbound, settings, metrics=app[METRICS], hub=app[DEBUG_HUB])
     app[RELAY] = relay

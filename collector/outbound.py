@@ -356,7 +356,7 @@ class HttpOutbound:
         key: Secret,
         timeout: float,
         *,
-        max_idle: int = 64,
+        concurrency: int = 32,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(base_url)
@@ -370,7 +370,7 @@ class HttpOutbound:
         self._host_header = parts.netloc.rsplit("@", 1)[-1]
         self._key = key
         self._timeout = timeout
-        self._max_idle = max_idle
+        self._max_idle = concurrency * 2
         self._idle: list[_Connection] = []
 
     def __repr__(self) -> str:
