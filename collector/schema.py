@@ -335,6 +335,7 @@ def load_schema_file(path: Path) -> tuple[str, Draft202012Validator]:
 def lint_schemas(directory: Path) -> tuple[dict[str, Draft202012Validator], list[str]]:
     """Every usable schema in a directory, and a sentence for each file that is not."""
     validators: dict[str, Draft202012Validator] = {}
+    files: dict[str, str] = {}  # event name -> the file that defines it
     problems: list[str] = []
     for path in sorted(directory.glob("*.json")):
         try:
@@ -343,9 +344,12 @@ def lint_schemas(directory: Path) -> tuple[dict[str, Draft202012Validator], list
             problems.append(str(error))
             continue
         if name in validators:
-            problems.append(f"{path.name}: a second schema for the event {name!r}")
+            problems.append(
+                f"{path.name}: a second schema for the event {name!r}, which {files[name]} defines"
+            )
             continue
         validators[name] = validator
+        files[name] = path.name
     return validators, problems
 
 

@@ -250,6 +250,7 @@ def test_schemas_lint(tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "error  broken.json: not a valid schema at /type" in bad.stdout
     assert (
-        "error  renewMembership.json: a second schema for the event 'renewMembership'" in bad.stdout
+        "error  renewMembership.json: a second schema for the event 'renewMembership', "
+        "which again.json defines" in bad.stdout
     )
     assert "2 usable, 2 with problems" in bad.stdout
