@@ -20,7 +20,14 @@ from aiohttp import web
 
 from . import __version__, logs
 from .app import QUEUE_FILE, create_app
-from .config import Settings, SettingsError, env_name, load_settings, settings_fields
+from .config import (
+    Settings,
+    SettingsError,
+    env_name,
+    http_url,
+    load_settings,
+    settings_fields,
+)
 from .deadline import with_header_deadline
 from .debug import demo_enabled
 from .identity import user_hash
@@ -254,7 +261,10 @@ def script_tag(args: argparse.Namespace) -> int:
         settings = _settings_from(args)
     except SettingsError as error:
         return _fail(str(error))
-    base = (args.base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    try:
+        base = http_url(args.base_url or f"http://{settings.host}:{settings.port}")
+    except ValueError as error:
+        return _fail(f"--base-url: {error}")
     script = Script.packaged(settings.event_path, settings.script_path)
     print(snippet(script, base + settings.script_path))
     return 0

@@ -124,7 +124,8 @@ def _url_path(raw: object) -> str:
     return value
 
 
-def _http_url(raw: object) -> str:
+def http_url(raw: object) -> str:
+    """An absolute http(s) URL without a query or fragment, its trailing slash removed."""
     value = _nonempty(raw).rstrip("/")
     parts = urlsplit(value)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
@@ -251,7 +252,7 @@ class Settings:
         flag=False,
     )
     outbound_url: str = setting(
-        "https://api.outbound.io", _http_url, "Base URL of Outbound's API (without /v2)."
+        "https://api.outbound.io", http_url, "Base URL of Outbound's API (without /v2)."
     )
     allowed_origins: tuple[str, ...] = setting(
         (),

@@ -254,3 +254,21 @@ def test_schemas_lint(tmp_path: Path) -> None:
         "which again.json defines" in bad.stdout
     )
     assert "2 usable, 2 with problems" in bad.stdout
+
+
+@pytest.mark.parametrize(
+    ("base_url", "problem"),
+    [
+        ("collect.example.com", "must be an http:// or https:// URL, got 'collect.example.com'"),
+        ("ftp://c.example", "must be an http:// or https:// URL, got 'ftp://c.example'"),
+        (
+            "https://c.example/?x=1",
+            "must not have a query or fragment, got 'https://c.example/?x=1'",
+        ),
+    ],
+)
+def test_script_tag_refuses_a_base_url_that_is_not_one(base_url: str, problem: str) -> None:
+    result = run_cli("script-tag", "--base-url", base_url)
+    assert result.returncode == 2
+    assert result.stdout == ""  # no tag with a relative or broken URL to paste
+    assert result.stderr.strip() == f"outbound-collector: error: --base-url: {problem}"
