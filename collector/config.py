@@ -135,6 +135,23 @@ def http_url(raw: object) -> str:
     return value
 
 
+def _outbound_url(raw: object) -> str:
+    """Outbound's base URL: the relay adds /v2/track itself, so a /v2 in it is refused."""
+    value = http_url(raw)
+    parts = urlsplit(value)
+    segments = parts.path.split("/")
+    lowered = [segment.lower() for segment in segments]
+    if "v2" in lowered:
+        # Refused rather than cut off: a URL that is silently rewritten hides what is wrong
+        # with the setting, like an origin with a trailing slash, which is refused too.
+        base = parts._replace(path="/".join(segments[: lowered.index("v2")])).geturl()
+        raise ValueError(
+            "must be the base URL without /v2 (the collector adds /v2/track and /v2/identify "
+            f"itself): use {base!r}, got {raw!r}"
+        )
+    return value
+
+
 def parse_origin(raw: str) -> str:
     """One browser origin as a browser sends it: scheme://host[:port], nothing more."""
     if raw == "*":
@@ -252,7 +269,9 @@ class Settings:
         flag=False,
     )
     outbound_url: str = setting(
-        "https://api.outbound.io", http_url, "Base URL of Outbound's API (without /v2)."
+        "https://api.outbound.io",
+        _outbound_url,
+        "Base URL of Outbound's API, without /v2 (the collector adds /v2/track itself).",
     )
     allowed_origins: tuple[str, ...] = setting(
         (),

@@ -169,3 +169,29 @@ def test_settings_are_frozen() -> None:
 def test_the_outbound_key_must_fit_in_a_header(key: str) -> None:
     with pytest.raises(SettingsError, match="printable ASCII"):
         load_settings(environ={"OUTBOUND_API_KEY": key})
+
+
+@pytest.mark.parametrize(
+    ("url", "base"),
+    [
+        ("https://api.outbound.io/v2", "https://api.outbound.io"),
+        ("https://api.outbound.io/v2/", "https://api.outbound.io"),
+        ("https://api.outbound.io/V2/track", "https://api.outbound.io"),
+        ("http://127.0.0.1:9000/outbound/v2", "http://127.0.0.1:9000/outbound"),
+    ],
+)
+def test_outbound_url_with_the_v2_path_is_refused_with_the_base_to_use(url: str, base: str) -> None:
+    # The relay adds /v2/track itself: .../v2 would make every call .../v2/v2/track, a 404
+    # that dead-letters every event.
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ={"COLLECTOR_OUTBOUND_URL": url})
+    assert raised.value.setting == "COLLECTOR_OUTBOUND_URL"
+    assert raised.value.problem == (
+        f"must be the base URL without /v2 (the collector adds /v2/track and /v2/identify "
+        f"itself): use {base!r}, got {url!r}"
+    )
+
+
+def test_outbound_url_may_have_a_path_of_its_own() -> None:
+    settings = load_settings(environ={"COLLECTOR_OUTBOUND_URL": "https://gw.example/v2x/"})
+    assert settings.outbound_url == "https://gw.example/v2x"
