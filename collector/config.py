@@ -212,7 +212,15 @@ def _secrets(raw: object) -> tuple[Secret, ...]:
 
 def _rate(raw: object) -> float:
     """Events per second; 0 turns the limit off."""
-    return _number_of_seconds(raw, zero=True)
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = float(raw) if isinstance(raw, int | float) else float(_text(raw))
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise ValueError(f"must be a number of events per second (0: no limit), got {raw!r}")
+    return value
 
 
 def _pattern(raw: object) -> re.Pattern[str] | None:
@@ -483,6 +491,7 @@ def load_settings(
         if key not in known:
             raise SettingsError(f"{config_file}", f"unknown setting {key!r}")
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # setting -> where its value came from, for error lines
     for item in settings_fields():
         if item.name in flags:
             source, raw = f"--{item.name.replace('_', '-')}", flags[item.name]
@@ -496,13 +505,41 @@ def load_settings(
             values[item.name] = item.metadata["parse"](raw)
         except ValueError as error:
             raise SettingsError(source, str(error)) from None
+        sources[item.name] = source
     settings = Settings(**values)
+    _check_pairs(settings, sources)
+    return settings
+
+
+def _check_pairs(settings: Settings, sources: Mapping[str, str]) -> None:
+    """Settings that must agree with each other; the error names both, where each came from
+    and its value, under the name that changes the first (its variable when it was unset)."""
+
+    def name(setting: str) -> str:
+        return sources.get(setting) or f"COLLECTOR_{setting.upper()}"
+
+    def origin(setting: str) -> str:
+        return f", from {sources[setting]}" if setting in sources else " by default"
+
+    def got(setting: str) -> str:
+        return f"got {getattr(settings, setting):g}" + (
+            "" if setting in sources else ", its default"
+        )
+
     if settings.retry_base > settings.retry_cap:
-        raise SettingsError("retry_base", "must not be larger than retry_cap")
+        raise SettingsError(
+            name("retry_base"),
+            f"must not be more than retry_cap ({settings.retry_cap:g} s{origin('retry_cap')}); "
+            + got("retry_base"),
+        )
     if settings.lease_seconds <= 2 * settings.relay_timeout:
         # An event may take an identify and a track call; its lease must outlast both.
-        raise SettingsError("lease_seconds", "must be more than twice relay_timeout")
-    return settings
+        timeout = settings.relay_timeout
+        raise SettingsError(
+            name("lease_seconds"),
+            f"must be more than twice relay_timeout ({timeout:g} s{origin('relay_timeout')}), "
+            f"so more than {2 * timeout:g} seconds; " + got("lease_seconds"),
+        )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

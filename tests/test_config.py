@@ -120,8 +120,11 @@ def test_secrets_never_print() -> None:
         ({"COLLECTOR_RETRY_CAP": "true"}, "COLLECTOR_RETRY_CAP", "number of seconds"),
         ({"COLLECTOR_SCRIPT_PATH": "s.js"}, "COLLECTOR_SCRIPT_PATH", "starting with '/'"),
         ({"COLLECTOR_MAX_BATCH_EVENTS": "0"}, "COLLECTOR_MAX_BATCH_EVENTS", "at least 1"),
-        ({"COLLECTOR_RETRY_BASE": "600"}, "retry_base", "must not be larger than retry_cap"),
-        ({"COLLECTOR_LEASE_SECONDS": "15"}, "lease_seconds", "more than twice relay_timeout"),
+        (
+            {"COLLECTOR_RETRY_BASE": "600"},
+            "COLLECTOR_RETRY_BASE",
+            "must not be more than retry_cap (300 s by default); got 600",
+        ),
     ],
 )
 def test_wrong_setting_names_the_setting_and_the_problem(
@@ -195,3 +198,45 @@ def test_outbound_url_with_the_v2_path_is_refused_with_the_base_to_use(url: str,
 def test_outbound_url_may_have_a_path_of_its_own() -> None:
     settings = load_settings(environ={"COLLECTOR_OUTBOUND_URL": "https://gw.example/v2x/"})
     assert settings.outbound_url == "https://gw.example/v2x"
+
+
+@pytest.mark.parametrize(
+    ("environ", "setting", "problem"),
+    [
+        (
+            {"COLLECTOR_LEASE_SECONDS": "15"},
+            "COLLECTOR_LEASE_SECONDS",
+            "must be more than twice relay_timeout (10 s by default), so more than 20 seconds; "
+            "got 15",
+        ),
+        (
+            # The lease is left at its default: the line names the variable that changes it.
+            {"COLLECTOR_RELAY_TIMEOUT": "40"},
+            "COLLECTOR_LEASE_SECONDS",
+            "must be more than twice relay_timeout (40 s, from COLLECTOR_RELAY_TIMEOUT), so "
+            "more than 80 seconds; got 60, its default",
+        ),
+    ],
+)
+def test_lease_error_names_the_variables_and_the_values(
+    environ: dict[str, str], setting: str, problem: str
+) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ=environ)
+    assert (raised.value.setting, raised.value.problem) == (setting, problem)
+
+
+@pytest.mark.parametrize("name", ["COLLECTOR_RATE_LIMIT_PER_IP", "COLLECTOR_RATE_LIMIT_PER_USER"])
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("fast", "must be a number of events per second (0: no limit), got 'fast'"),
+        ("-5", "must be a number of events per second (0: no limit), got '-5'"),
+        ("inf", "must be a number of events per second (0: no limit), got 'inf'"),
+    ],
+)
+def test_rate_errors_speak_of_events_per_second(name: str, raw: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ={name: raw})
+    assert (raised.value.setting, raised.value.problem) == (name, problem)
+    assert "seconds" not in raised.value.problem
