@@ -195,6 +195,23 @@ def _secret(raw: object) -> Secret | None:
     return Secret(value) if value else None
 
 
+IDENTITY_SECRET_MIN = 32
+
+
+def _identity_secret(raw: object) -> Secret | None:
+    """The HMAC key of user hashes: long enough that nobody can guess it."""
+    value = _text(raw)
+    if value and len(value) < IDENTITY_SECRET_MIN:
+        raise ValueError(
+            f"must be at least {IDENTITY_SECRET_MIN} characters long, this one has "
+            f"{len(value)}: it is the HMAC key that proves a user_hash came from your "
+            "back-end; a short or guessable key lets anyone compute hashes and send events as "
+            "any of your users (make one with: python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))')"
+        )
+    return Secret(value) if value else None
+
+
 def _header_secret(raw: object) -> Secret | None:
     """A secret sent in an HTTP header: printable ASCII only."""
     value = _text(raw)
@@ -289,7 +306,7 @@ class Settings:
     )
     identity_secret: Secret | None = setting(
         None,
-        _secret,
+        _identity_secret,
         "HMAC key of user hashes: with it, a user_id from a browser needs its user_hash.",
         flag=False,
     )

@@ -240,3 +240,21 @@ def test_rate_errors_speak_of_events_per_second(name: str, raw: str, problem: st
         load_settings(environ={name: raw})
     assert (raised.value.setting, raised.value.problem) == (name, problem)
     assert "seconds" not in raised.value.problem
+
+
+@pytest.mark.parametrize("secret", ["q7", "hunter2-is-too-short", "x" * 31])
+def test_a_short_identity_secret_is_refused_with_the_reason(secret: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ={"COLLECTOR_IDENTITY_SECRET": secret})
+    assert raised.value.setting == "COLLECTOR_IDENTITY_SECRET"
+    assert raised.value.problem.startswith(
+        f"must be at least 32 characters long, this one has {len(secret)}: it is the HMAC key "
+        "that proves a user_hash came from your back-end; a short or guessable key lets anyone "
+        "compute hashes and send events as any of your users"
+    )
+    assert secret not in str(raised.value)
+
+
+def test_an_identity_secret_of_32_characters_is_taken() -> None:
+    settings = load_settings(environ={"COLLECTOR_IDENTITY_SECRET": "k" * 32})
+    assert settings.identity_secret == Secret("k" * 32)

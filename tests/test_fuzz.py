@@ -106,7 +106,7 @@ headers = st.fixed_dictionaries(
 async def target(start_collector: StartCollector) -> Collector:
     return await start_collector(
         allowed_origins=("https://shop.example",),
-        identity_secret=Secret("fuzz-identity-secret"),
+        identity_secret=Secret("fuzz-identity-secret-0123456789abcdef"),
         server_tokens=(Secret(TOKEN),),
         rate_limit_per_ip=0.0,
     )

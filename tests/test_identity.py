@@ -19,7 +19,7 @@ from collector.config import Secret
 from collector.identity import bearer_token, hash_matches, token_matches, truncated_ip, user_hash
 from collector.identity import verify_user as verify
 
-SECRET = "identity-secret-for-tests-1"
+SECRET = "identity-secret-for-tests-1-0123456789"
 TOKEN = "server-token-for-tests-0123456789"
 
 

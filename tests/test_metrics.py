@@ -125,7 +125,9 @@ def test_json_log_lines() -> None:
 
 
 async def test_rejections_are_counted_by_what_was_wrong(start_collector: StartCollector) -> None:
-    collector = await start_collector(identity_secret=Secret("metrics-identity-secret"))
+    collector = await start_collector(
+        identity_secret=Secret("metrics-identity-secret-0123456789ab")
+    )
     await collector.post("/e", {"event": "x", "anonymous_id": "a", "properties": {"collector": 1}})
     await collector.post("/e", {"event": "x", "user_id": "u1"})  # no hash, no anonymous id
     await collector.post(

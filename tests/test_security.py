@@ -266,7 +266,7 @@ async def test_secrets_appear_nowhere(
     """After the suite's kinds of scenarios, no response, header, log line or script holds
     the Outbound key, the identity secret or a server token."""
     caplog.set_level(logging.DEBUG)
-    identity, token = "identity-secret-never-shown", "server-token-never-shown-1"
+    identity, token = "identity-secret-never-shown-0123456789", "server-token-never-shown-1"
     collector = await start_collector(
         identity_secret=Secret(identity),
         server_tokens=(Secret(token),),
