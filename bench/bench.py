@@ -31,6 +31,9 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))  # the collector's code, imported where it is measured
 PYTHON = sys.executable
 CONNECTIONS = 32
+# The last commit before aiohttp-cors and aiohttp's client replaced the hand-written CORS
+# headers and HTTP client: `--previous` measures against another one.
+PREVIOUS = "c957d07"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 EVENT = {
@@ -114,10 +117,13 @@ class Process:
             self.popen.kill()
 
 
-def start(command: list[str], port: int, env: dict[str, str] | None = None) -> Process:
+def start(
+    command: list[str], port: int, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Process:
     popen = subprocess.Popen(
         command,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -143,27 +149,61 @@ def start_collector(
     outbound_port: int,
     extra: list[str] | None = None,
     rung: str = "full",
+    code: Path | None = None,
 ) -> Process:
-    """The collector as it ships, or one of the lower rungs of `servers.py`."""
+    """The collector as it ships, or one of the lower rungs of `servers.py`; `code`: the
+    collector of another version (a `checkout`) instead of this one."""
     port = free_port()
     env = {
         "OUTBOUND_API_KEY": "bench-key",
         "COLLECTOR_OUTBOUND_URL": f"http://127.0.0.1:{outbound_port}",
         "COLLECTOR_LOG_LEVEL": "warning",
     }
+    if code is not None:
+        # `python -m` puts the working directory first on the path: there, the other version.
+        env["PYTHONPATH"] = str(code)
     command = [PYTHON, "-m", "collector"]
     if rung != "full":
         command = [PYTHON, str(BENCH / "servers.py"), "collector", rung]
     command += ["serve", "--port", str(port)]
     command += ["--data-dir", str(data_dir), "--schemas-dir", str(schemas)]
     command += ["--rate-limit-per-ip", "0", "--rate-limit-per-user", "0", *(extra or [])]
-    return start(command, port, env)
+    return start(command, port, env, cwd=code)
+
+
+def checkout(ref: str, work: Path) -> Path | None:
+    """The collector's code at `ref`, a commit of this repository, unpacked for Python's path;
+    None when this clone does not have it (a shallow one)."""
+    known = subprocess.run(
+        ["git", "-C", str(ROOT), "cat-file", "-e", f"{ref}^{{commit}}"], capture_output=True
+    )
+    if known.returncode:
+        print(f"bench: {ref} is not in this clone; no rows against the previous version")
+        return None
+    target = Path(tempfile.mkdtemp(prefix="collector-at-", dir=work))
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    if (target / "src" / "collector").is_dir():  # the layout before collector/ at the top
+        return target / "src"
+    # static/ is installed as collector.static; beside its package, the checkout finds its own
+    # rather than this tree's through the editable install.
+    (target / "collector" / "static").symlink_to(target / "static")
+    return target
 
 
 VISITORS = 10_000
 
 
-def lua(body: bytes, path: str, content_type: str, unique: bool, rate: float | None) -> str:
+def lua(
+    body: bytes,
+    path: str,
+    content_type: str,
+    unique: bool,
+    rate: float | None,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> str:
     """A wrk script posting `body`. When `unique`, each request has fresh message ids (time
     first, then random, like the script's; wrk's clock has whole seconds only) and comes
     from one of `VISITORS` browsers, so that the queue keeps many users' lines, as live."""
@@ -172,6 +212,7 @@ def lua(body: bytes, path: str, content_type: str, unique: bool, rate: float | N
         'wrk.method = "POST"',
         f'wrk.path = "{path}"',
         f'wrk.headers["Content-Type"] = "{content_type}"',
+        *(f'wrk.headers["{name}"] = "{value}"' for name, value in headers),
     ]
     if unique:
         lines += [
@@ -270,6 +311,8 @@ class Results:
     memory: dict[str, Any] = field(default_factory=dict)
     validation: list[dict[str, Any]] = field(default_factory=list)
     stages: list[Stages] = field(default_factory=list)
+    versions: list[Versus] = field(default_factory=list)
+    previous: str = PREVIOUS
     script_gzip_bytes: int = 0
 
 
@@ -292,9 +335,10 @@ class Scenario:
     content_type: str = "text/plain;charset=UTF-8"  # what the script's beacons carry
     unique: bool = True  # fresh message ids and a browser's anonymous id per request
     options: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
 
     def script(self, rate: float | None = None) -> str:
-        return lua(self.body, self.path, self.content_type, self.unique, rate)
+        return lua(self.body, self.path, self.content_type, self.unique, rate, self.headers)
 
 
 SINGLE = Scenario("single-event beacon (text/plain)", 1, beacon(1))
@@ -312,6 +356,25 @@ FULL_DURABILITY = Scenario(
     "single-event beacon, durability full", 1, beacon(1), options=("--durability", "full")
 )
 SCENARIOS = (SINGLE, BATCH, SEED_TRACK, FULL_DURABILITY)
+# As a page on another site sends them: the CORS layer answers every one.
+PAGE_ORIGIN = "https://www.example.com"
+CROSS_ORIGIN = (("Origin", PAGE_ORIGIN),)
+CROSS_ORIGIN_OPTIONS = ("--allowed-origins", PAGE_ORIGIN)
+CROSS_SINGLE = Scenario(
+    "single-event beacon from another origin",
+    1,
+    beacon(1),
+    options=CROSS_ORIGIN_OPTIONS,
+    headers=CROSS_ORIGIN,
+)
+CROSS_BATCH = Scenario(
+    "batch of 20 from another origin",
+    20,
+    beacon(20),
+    options=CROSS_ORIGIN_OPTIONS,
+    headers=CROSS_ORIGIN,
+)
+
 # Outbound refuses while ingest is measured: the relay's circuit opens and stays quiet,
 # so these figures are ingest alone. The relay has its own figures.
 QUIET_RELAY = ["--breaker-threshold", "1", "--probe-interval", "3600"]
@@ -583,7 +646,15 @@ def prefill(data_dir: Path, events: int, users: int) -> None:
     asyncio.run(fill())
 
 
-def drain(work: Path, schemas: Path, events: int, delay: float, concurrency: int) -> dict[str, Any]:
+def drain(
+    work: Path,
+    schemas: Path,
+    events: int,
+    delay: float,
+    concurrency: int,
+    code: Path | None = None,
+) -> dict[str, Any]:
+    """Relay a prefilled queue to the fake Outbound (`code`: another version's collector)."""
     data_dir = Path(tempfile.mkdtemp(dir=work))
     users = max(concurrency * 8, 1000)
     prefill(data_dir, events, users)
@@ -593,13 +664,16 @@ def drain(work: Path, schemas: Path, events: int, delay: float, concurrency: int
         schemas,
         outbound.port,
         ["--relay-concurrency", str(concurrency), "--relay-timeout", "10", "--lease-seconds", "60"],
+        code=code,
     )
+    cpu_before = collector.cpu_seconds()  # after start-up, which is not the relay's work
     try:
         while (count := outbound_call(outbound.port, "/count"))["tracks"] < events:
             time.sleep(0.1)
         # From the first call to the last, not from the process start: the relay's pace.
         elapsed = count["last"] - count["first"]
         calls = count["calls"] - 1  # calls after the first one, within `elapsed`
+        cpu = collector.cpu_seconds() - cpu_before
     finally:
         collector.stop()
         outbound.stop()
@@ -613,7 +687,98 @@ def drain(work: Path, schemas: Path, events: int, delay: float, concurrency: int
         "calls_per_second": calls / elapsed,
         "limit": limit,
         "ratio_to_limit": (calls / elapsed) / limit if limit else None,
+        "cpu_us_per_event": cpu / events * 1e6,
     }
+
+
+@dataclass
+class Versus:
+    """One load on the previous version and on this one, taking turns."""
+
+    name: str
+    unit: str  # of the rates: "req/s" or "events/s"
+    previous: list[float]  # the rate of each turn
+    current: list[float]
+    previous_cpu_us: float  # per request or per event, as the unit says
+    current_cpu_us: float
+
+    @property
+    def ratios(self) -> list[float]:
+        """This version ÷ the previous one, turn by turn."""
+        return [c / p for c, p in zip(self.current, self.previous, strict=True)]
+
+
+def measure_versions(
+    work: Path, schemas: Path, code: Path, seconds: float, rounds: int, relay_events: int
+) -> list[Versus]:
+    """Ingest from another origin (the CORS layer) and the relay (the HTTP client), on the
+    previous version (`code`) and on this one, taking turns."""
+    found = []
+    for scenario in (CROSS_SINGLE, CROSS_BATCH):
+        script = scenario.script()
+        outbound = start_refused_outbound()
+        options = [*QUIET_RELAY, *scenario.options]
+        processes = {
+            version: start_collector(
+                Path(tempfile.mkdtemp(dir=work)), schemas, outbound.port, options, code=source
+            )
+            for version, source in (("previous", code), ("current", None))
+        }
+        try:
+            for process in processes.values():
+                run_wrk(process.port, script, 1, work)  # warm-up
+            loads, cpu_us = take_turns(processes, script, seconds, rounds, work)
+        finally:
+            for process in [*processes.values(), outbound]:
+                process.stop()
+        found.append(
+            Versus(
+                scenario.name,
+                "req/s",
+                [load.requests_per_second for load in loads["previous"]],
+                [load.requests_per_second for load in loads["current"]],
+                cpu_us["previous"],
+                cpu_us["current"],
+            )
+        )
+    for delay, concurrency in ((0.0, 16), (0.05, 64)):
+        turns: dict[str, list[dict[str, Any]]] = {"previous": [], "current": []}
+        for _ in range(rounds):
+            for version, source in (("previous", code), ("current", None)):
+                turns[version].append(
+                    drain(work, schemas, relay_events, delay, concurrency, code=source)
+                )
+        found.append(
+            Versus(
+                f"{turns['current'][0]['name']}, concurrency {concurrency}",
+                "events/s",
+                [turn["events_per_second"] for turn in turns["previous"]],
+                [turn["events_per_second"] for turn in turns["current"]],
+                median([turn["cpu_us_per_event"] for turn in turns["previous"]]),
+                median([turn["cpu_us_per_event"] for turn in turns["current"]]),
+            )
+        )
+    return found
+
+
+def versions_table(found: list[Versus], ref: str) -> str:
+    """The previous version beside this one."""
+    out = [
+        f"This version against `{ref}` (before aiohttp-cors and aiohttp's client), taking turns "
+        "in the same run: ingest with an allowed `Origin` on every request (req/s, CPU µs per "
+        "request), and the relay draining a prefilled queue (events/s, CPU µs per event).",
+        "",
+        "| load | previous | this version | ratio (per turn) | CPU µs previous → this |",
+        "|---|---|---|---|---|",
+    ]
+    for v in found:
+        turns = ", ".join(f"{ratio:.2f}" for ratio in v.ratios)
+        out.append(
+            f"| {v.name} | {median(v.previous):,.0f} {v.unit} | {median(v.current):,.0f} {v.unit} "
+            f"| {median(v.ratios):.2f} ({turns}) | {v.previous_cpu_us:.0f} → "
+            f"{v.current_cpu_us:.0f} |"
+        )
+    return "\n".join(out)
 
 
 def memory_flat(work: Path, schemas: Path, events: int, seconds: float) -> dict[str, Any]:
@@ -789,6 +954,8 @@ def table(results: Results) -> str:
     out += [
         f"| {what} | {got} | {'yes' if met else '**no**'} |" for what, got, met in targets(results)
     ]
+    if results.versions:
+        out += ["", versions_table(results.versions, results.previous)]
     if results.stages:
         out += ["", stages_table(results.stages)]
     return "\n".join(out)
@@ -912,6 +1079,12 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=BENCH, help="where RESULTS.md and ingest.png go"
     )
+    parser.add_argument(
+        "--previous",
+        default=PREVIOUS,
+        metavar="COMMIT",
+        help=f"the version this one is measured against (default {PREVIOUS})",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is missing (bench/run installs it)")
@@ -921,9 +1094,14 @@ def main() -> None:
         schemas = work / "schemas"
         schemas.mkdir()
         (schemas / "renewMembership.json").write_text(json.dumps(SCHEMA))
-        results = Results(script_gzip_bytes=script_size())
+        results = Results(script_gzip_bytes=script_size(), previous=args.previous)
         results.validation = measure_validation(1 if args.smoke else 3)
         results.rows = measure_ingest(work, schemas, seconds, rounds)
+        previous = checkout(args.previous, work)
+        if previous is not None:
+            results.versions = measure_versions(
+                work, schemas, previous, seconds, rounds, 1_000 if args.smoke else 20_000
+            )
         results.stages = measure_stages(work, schemas, seconds, rounds)
         results.relay = [
             drain(work, schemas, 2_000 if args.smoke else 100_000, 0.0, 16),

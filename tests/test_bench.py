@@ -111,6 +111,9 @@ def test_bench_smoke_writes_results_and_chart(tmp_path: Path) -> None:
     assert "| target | this run | met |" in results
     assert "| checks | + parse, validate and enrich" in results  # the ladder of rungs
     assert "| group commit (SQLite), on the loop |" in results  # the profile by stage
+    # The previous version beside this one: ingest through the CORS layer, and the relay.
+    assert "| single-event beacon from another origin | " in results
+    assert "| drain 1,000 events, Outbound answers after 50 ms, concurrency 64 | " in results
     assert (tmp_path / "ingest.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -146,3 +149,45 @@ def test_targets_are_judged_at_their_thresholds() -> None:
         ("peak RSS ≤ 150 MB, 1,000,000 queued events", False),
         ("script ≤ 2,000 bytes gzipped", True),
     ]
+
+
+@pytest.mark.parametrize(
+    ("ref", "package", "script"),
+    [
+        # The layout before collector/ at the top, and the one after.
+        ("c957d07", "src/collector/__init__.py", "src/collector/static/s.min.js"),
+        ("b78824d", "collector/__init__.py", "static/s.min.js"),
+    ],
+)
+def test_checkout_gives_a_path_to_that_versions_collector(
+    tmp_path: Path, ref: str, package: str, script: str
+) -> None:
+    from bench import checkout
+
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{script}"], capture_output=True)
+    if shown.returncode:
+        pytest.skip(f"{ref} is not in this clone (a shallow one)")
+    code = checkout(ref, tmp_path)
+    assert code is not None
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, importlib.util, collector, collector.script as s; "
+            "print(collector.__file__); static = importlib.util.find_spec('collector.static'); "
+            "print(static and static.origin); "
+            "sys.stdout.flush(); sys.stdout.buffer.write(s.Script.packaged().source)",
+        ],
+        cwd=code,
+        capture_output=True,
+        check=True,
+    ).stdout
+    where, static, served = imported.split(b"\n", 2)
+    # That version's package and that version's script, not this tree's.
+    [unpacked] = tmp_path.iterdir()
+    assert where.decode() == str(unpacked / package)
+    assert static.decode() == "None" or static.decode().startswith(str(unpacked))
+    assert served == shown.stdout.replace(b"{{EVENT_PATH}}", b"/e").replace(
+        b"{{SCRIPT_PATH}}", b"/s.js"
+    )
+    assert checkout("0" * 40, tmp_path) is None
