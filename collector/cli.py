@@ -27,6 +27,7 @@ from .config import (
     http_url,
     load_settings,
     settings_fields,
+    unknown_variables,
 )
 from .deadline import with_header_deadline
 from .debug import demo_enabled
@@ -174,6 +175,8 @@ def serve(args: argparse.Namespace) -> int:
     except SchemaDirError as error:
         return _fail(f"schemas_dir: {error}")
     logs.configure(settings.log_level, settings.log_format)
+    for warning in unknown_variables(os.environ):
+        log.warning(warning)
     try:
         import uvloop  # the `speed` extra: a faster event loop, used when installed
 
@@ -363,7 +366,15 @@ def check(args: argparse.Namespace) -> int:
     print(
         "relay: dry run (no OUTBOUND_API_KEY)" if settings.dry_run else "relay: sends to Outbound"
     )
-    print("all is well")
+    warnings = unknown_variables(os.environ)
+    for warning in warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if not warnings:
+        print("all is well")
+    elif len(warnings) == 1:
+        print("all is well but for the warning above")
+    else:
+        print(f"all is well but for the {len(warnings)} warnings above")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -492,6 +493,30 @@ def env_name(item: dataclasses.Field[Any]) -> str:
 
 def settings_fields() -> tuple[dataclasses.Field[Any], ...]:
     return dataclasses.fields(Settings)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each COLLECTOR_* variable that is not a setting and each near-miss of
+    OUTBOUND_API_KEY, with the closest real name; values are never read."""
+    known = {env_name(item) for item in settings_fields()}
+    # Compared without the shared prefix, which would otherwise make every name look alike.
+    stems = {name.removeprefix("COLLECTOR_"): name for name in known}
+    warnings = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if variable in known or not (
+            upper.startswith(("COLLECTOR_", "OUTBOUND"))
+            or difflib.SequenceMatcher(None, upper, "OUTBOUND_API_KEY").ratio() >= 0.8
+        ):
+            continue
+        closest = difflib.get_close_matches(upper.removeprefix("COLLECTOR_"), stems, n=1)
+        hint = (
+            f"; did you mean {stems[closest[0]]}?"
+            if closest
+            else " (`outbound-collector serve --help` lists them)"
+        )
+        warnings.append(f"{variable} is not a setting, so it is ignored{hint}")
+    return warnings
 
 
 def load_settings(

@@ -272,3 +272,39 @@ def test_script_tag_refuses_a_base_url_that_is_not_one(base_url: str, problem: s
     assert result.returncode == 2
     assert result.stdout == ""  # no tag with a relative or broken URL to paste
     assert result.stderr.strip() == f"outbound-collector: error: --base-url: {problem}"
+
+
+def test_check_warns_of_misspelt_variables(tmp_path: Path) -> None:
+    result = run_cli(
+        "check",
+        "--data-dir",
+        str(tmp_path),
+        env={"COLLECTOR_PORTT": "9000", "OUTBOUND_APIKEY": "key-never-printed"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "outbound-collector: warning: COLLECTOR_PORTT is not a setting, so it is ignored; "
+        "did you mean COLLECTOR_PORT?",
+        "outbound-collector: warning: OUTBOUND_APIKEY is not a setting, so it is ignored; "
+        "did you mean OUTBOUND_API_KEY?",
+    ]
+    assert "relay: dry run (no OUTBOUND_API_KEY)" in result.stdout
+    assert result.stdout.rstrip().endswith("all is well but for the 2 warnings above")
+    assert "key-never-printed" not in result.stdout + result.stderr
+
+
+async def test_serve_warns_of_misspelt_variables_at_start_up(tmp_path: Path) -> None:
+    env = {"COLLECTOR_ALLOWED_ORIGIN": "https://shop.example", "OUTBOUND_KEY": "k-never-shown"}
+    server = await asyncio.to_thread(
+        ServeProcess, ["--data-dir", str(tmp_path / "data")], env=env, log=tmp_path / "log"
+    )
+    assert await asyncio.to_thread(server.stop) == 0
+    output = server.output()
+    assert (
+        "COLLECTOR_ALLOWED_ORIGIN is not a setting, so it is ignored; "
+        "did you mean COLLECTOR_ALLOWED_ORIGINS?" in output
+    )
+    assert "OUTBOUND_KEY is not a setting, so it is ignored; did you mean OUTBOUND_API_KEY?" in (
+        output
+    )
+    assert "k-never-shown" not in output

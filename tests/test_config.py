@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.config import Secret, Settings, SettingsError, load_settings
+from collector.config import Secret, Settings, SettingsError, load_settings, unknown_variables
 
 
 def test_defaults() -> None:
@@ -258,3 +258,33 @@ def test_a_short_identity_secret_is_refused_with_the_reason(secret: str) -> None
 def test_an_identity_secret_of_32_characters_is_taken() -> None:
     settings = load_settings(environ={"COLLECTOR_IDENTITY_SECRET": "k" * 32})
     assert settings.identity_secret == Secret("k" * 32)
+
+
+def test_misspelt_variables_get_a_warning_with_the_closest_name() -> None:
+    environ = {
+        "COLLECTOR_PORTT": "9000",
+        "COLLECTOR_ALLOWED_ORIGIN": "https://a.example",
+        "OUTBOUND_APIKEY": "k-never-shown",
+        "outbound_api_key": "k-never-shown",
+        "OUTBOND_API_KEY": "k-never-shown",
+        "COLLECTOR_OUTBOUND_API_KEY": "k-never-shown",
+        "COLLECTOR_XYZZY": "1",
+        # Real settings and other programs' variables say nothing.
+        "COLLECTOR_PORT": "9001",
+        "OUTBOUND_API_KEY": "k-real",
+        "PATH": "/usr/bin",
+        "HOME": "/root",
+    }
+    assert unknown_variables(environ) == [
+        "COLLECTOR_ALLOWED_ORIGIN is not a setting, so it is ignored; did you mean "
+        "COLLECTOR_ALLOWED_ORIGINS?",
+        "COLLECTOR_OUTBOUND_API_KEY is not a setting, so it is ignored; did you mean "
+        "OUTBOUND_API_KEY?",
+        "COLLECTOR_PORTT is not a setting, so it is ignored; did you mean COLLECTOR_PORT?",
+        "COLLECTOR_XYZZY is not a setting, so it is ignored (`outbound-collector serve --help` "
+        "lists them)",
+        "OUTBOND_API_KEY is not a setting, so it is ignored; did you mean OUTBOUND_API_KEY?",
+        "OUTBOUND_APIKEY is not a setting, so it is ignored; did you mean OUTBOUND_API_KEY?",
+        "outbound_api_key is not a setting, so it is ignored; did you mean OUTBOUND_API_KEY?",
+    ]
+    assert unknown_variables({"COLLECTOR_PORT": "1", "OUTBOUND_API_KEY": "k"}) == []
