@@ -115,10 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read the data directory (no running server needed) and print what waits "
         "in it.",
     )
-    stats.add_argument("--config", type=Path, help="TOML file of settings")
-    stats.add_argument("--data-dir", help="the collector's data directory")
+    _add_data_dir_options(stats, default=None)
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _remember_usage(parser)
     return parser
+
+
+def _remember_usage(parser: argparse.ArgumentParser) -> None:
+    """Let every (sub)command's namespace carry its own parser, for usage errors: the
+    deepest one chosen wins, since a subcommand's defaults are set after its parent's."""
+    parser.set_defaults(usage_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _remember_usage(sub)
 
 
 def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -127,8 +137,7 @@ def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help="list, show, replay or purge the events Outbound refused",
         description="Work with the dead letters in the data directory; safe while serve runs.",
     )
-    letters.add_argument("--config", type=Path, help="TOML file of settings")
-    letters.add_argument("--data-dir", help="the collector's data directory")
+    _add_data_dir_options(letters, default=None)
     actions = letters.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="dead letters and how many there are per reason")
     show = actions.add_parser("show", help="one dead letter in full, with Outbound's answer")
@@ -137,6 +146,10 @@ def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "replay", help="put dead letters back in the queue, with their original message ids"
     )
     purge = actions.add_parser("purge", help="delete dead letters for good")
+    for action in (listing, show, replay, purge):
+        # Also after the action (`dead-letters list --data-dir X`). Left unset there, they
+        # must not overwrite what was given before it, hence no default at all.
+        _add_data_dir_options(action, default=argparse.SUPPRESS)
     for action in (listing, replay, purge):
         action.add_argument("--id", type=int, action="append", default=[], help="by id (repeat)")
         action.add_argument("--reason", help="whose reason contains this text")
@@ -144,6 +157,11 @@ def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentPars
         action.add_argument("--event", help="by event name")
     for action in (replay, purge):
         action.add_argument("--all", action="store_true", help="every dead letter")
+
+
+def _add_data_dir_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--config", type=Path, default=default, help="TOML file of settings")
+    parser.add_argument("--data-dir", default=default, help="the collector's data directory")
 
 
 def _fail(message: str) -> int:
@@ -434,7 +452,11 @@ async def _stats(path: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        # argparse would blame the top-level command and print its usage; the subcommand's
+        # usage is the one that shows what it takes.
+        args.usage_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         return serve(args)
     if args.command == "script-tag":

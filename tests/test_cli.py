@@ -15,6 +15,8 @@ from conftest import SEED_EVENT
 from fake_outbound import KEY, FakeOutbound
 from serve_process import ServeProcess
 
+from collector.queue import SQLiteQueue
+
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -308,3 +310,42 @@ async def test_serve_warns_of_misspelt_variables_at_start_up(tmp_path: Path) -> 
         output
     )
     assert "k-never-shown" not in output
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["dead-letters", "--data-dir", "{dir}", "list"],
+        ["dead-letters", "list", "--data-dir", "{dir}"],
+        ["dead-letters", "list", "--status", "400", "--data-dir", "{dir}"],
+    ],
+)
+async def test_dead_letters_take_the_data_dir_before_and_after_the_action(
+    tmp_path: Path, order: list[str]
+) -> None:
+    queue = SQLiteQueue(tmp_path / "queue.sqlite3")
+    await queue.open()
+    await queue.close()
+    result = run_cli(*(arg.replace("{dir}", str(tmp_path)) for arg in order))
+    assert result.returncode == 0, result.stderr
+    assert "0 dead letters in all" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["dead-letters", "list", "--bogus"], "usage: outbound-collector dead-letters list "),
+        (
+            ["dead-letters", "--data-dir", "x", "purge", "--everything"],
+            "usage: outbound-collector dead-letters purge ",
+        ),
+        (["stats", "--nope"], "usage: outbound-collector stats "),
+        (["schemas", "lint", "d", "--fix"], "usage: outbound-collector schemas lint "),
+    ],
+)
+def test_a_usage_error_prints_the_subcommands_usage(args: list[str], usage: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(usage)
+    assert "unrecognized arguments: " + args[-1] in result.stderr
+    assert "COMMAND ..." not in result.stderr  # not the top-level usage
