@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
 import os
 import signal
+import socket
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -174,24 +177,68 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(flags=flags, config_file=args.config)
 
 
-def _check_data_dir(path: Path) -> None:
+class StartupError(Exception):
+    """What stops `serve` (and fails `check`) before the collector runs: one line."""
+
+
+def _listen_problem(settings: Settings, error: OSError) -> str:
+    """The line for an address that cannot be listened on, with the setting that changes it."""
+    where = f"cannot listen on {settings.host}:{settings.port}"
+    if isinstance(error, socket.gaierror):
+        return (
+            f"{where}: the host does not resolve ({error.strerror}); "
+            "set another with --host or COLLECTOR_HOST"
+        )
+    reason = os.strerror(error.errno).lower() if error.errno else str(error)
+    if error.errno == errno.EADDRINUSE:
+        hint = "another program has this port; choose another with --port or COLLECTOR_PORT"
+    elif error.errno == errno.EACCES and 0 < settings.port < 1024:
+        hint = "ports below 1024 need privileges; choose another with --port or COLLECTOR_PORT"
+    elif error.errno == errno.EADDRNOTAVAIL:
+        hint = (
+            "this machine has no such address; set one of its own, or 0.0.0.0 for all, "
+            "with --host or COLLECTOR_HOST"
+        )
+    else:
+        hint = (
+            "the address is set by --host or COLLECTOR_HOST, the port by --port or COLLECTOR_PORT"
+        )
+    return f"{where}: {reason} ({hint})"
+
+
+async def _bind(settings: Settings, protocol: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+    """Resolve the address and bind it, not yet accepting connections; StartupError if not."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.create_server(
+            protocol, settings.host, settings.port, reuse_address=True, start_serving=False
+        )
+    except OSError as error:
+        raise StartupError(_listen_problem(settings, error)) from None
+
+
+def _prepare_data_dir(path: Path) -> None:
+    """Create the data directory and write a file in it, as the queue will; SettingsError if not."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SettingsError("data_dir", f"cannot create {str(path)!r}: {error.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise SettingsError("data_dir", f"{str(path)!r} is not writable")
+    # os.access says yes to root on a read-only mount or in /proc: only a write tells.
+    try:
+        with tempfile.TemporaryFile(dir=path) as probe:
+            probe.write(b"probe")
+            probe.flush()
+    except OSError as error:
+        raise SettingsError(
+            "data_dir", f"cannot write in {str(path)!r}: {error.strerror}"
+        ) from None
 
 
 def serve(args: argparse.Namespace) -> int:
     try:
         settings = _settings_from(args)
-        _check_data_dir(settings.data_dir)
-        app = create_app(settings)
     except SettingsError as error:
         return _fail(str(error))
-    except SchemaDirError as error:
-        return _fail(f"schemas_dir: {error}")
     logs.configure(settings.log_level, settings.log_format)
     for warning in unknown_variables(os.environ):
         log.warning(warning)
@@ -203,43 +250,54 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     try:
-        asyncio.run(_serve(app, settings))
-    except OSError as error:
-        return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror}")
+        asyncio.run(_serve(settings))
+    except (StartupError, SettingsError) as error:
+        return _fail(str(error))
+    except SchemaDirError as error:
+        return _fail(f"schemas_dir: {error}")
     return 0
 
 
-async def _serve(app: web.Application, settings: Settings) -> None:
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, keepalive_timeout=settings.keepalive_timeout
-    )
-    await runner.setup()
-    # What startup built (schemas, validators, the app) lives as long as the process:
-    # frozen, no collection walks it again. Nearly everything a request allocates is freed
-    # by reference counting, so a larger first generation spares most collections.
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
-    listener: asyncio.Server | None = None
+async def _serve(settings: Settings) -> None:
+    handler: Callable[[], asyncio.Protocol] | None = None
+
+    def protocol() -> asyncio.Protocol:
+        assert handler is not None  # connections are accepted only once it is set
+        return handler()
+
+    # The address first: a port in use must stop the start before anything is created.
+    listener = await _bind(settings, protocol)
+    runner: web.AppRunner | None = None
     try:
-        assert runner.server is not None
-        loop = asyncio.get_running_loop()
-        # Not a web.TCPSite: each connection gets the header deadline that aiohttp lacks.
-        listener = await loop.create_server(
-            with_header_deadline(runner.server, settings.header_timeout),
-            settings.host,
-            settings.port,
-            reuse_address=True,
+        _prepare_data_dir(settings.data_dir)
+        app = create_app(settings)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=settings.keepalive_timeout
         )
+        await runner.setup()
+        # What startup built (schemas, validators, the app) lives as long as the process:
+        # frozen, no collection walks it again. Nearly everything a request allocates is
+        # freed by reference counting, so a larger first generation spares most collections.
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
+        assert runner.server is not None
+        # Not a web.TCPSite: each connection gets the header deadline that aiohttp lacks.
+        handler = with_header_deadline(runner.server, settings.header_timeout)
+        try:
+            await listener.start_serving()
+        except OSError as error:  # another process bound the port too, and listened first
+            raise StartupError(_listen_problem(settings, error)) from None
         _print_banner(settings, [s.getsockname() for s in listener.sockets])
         stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("stopping: no new requests; finishing what is in flight")
     finally:
-        if listener is not None:
-            listener.close()
-        await runner.cleanup()
+        listener.close()
+        if runner is not None:
+            await runner.cleanup()
 
 
 def _print_banner(settings: Settings, addresses: Sequence[object]) -> None:

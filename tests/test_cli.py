@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +350,20 @@ def test_a_usage_error_prints_the_subcommands_usage(args: list[str], usage: str)
     assert result.stderr.startswith(usage)
     assert "unrecognized arguments: " + args[-1] in result.stderr
     assert "COMMAND ..." not in result.stderr  # not the top-level usage
+
+
+def test_a_port_in_use_is_found_before_anything_is_created(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data_dir = tmp_path / "data"
+        result = run_cli("serve", "--port", str(port), "--data-dir", str(data_dir))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"outbound-collector: error: cannot listen on 127.0.0.1:{port}: address already in use "
+        "(another program has this port; choose another with --port or COLLECTOR_PORT)"
+    ]
+    # Bound first: nothing was made for a collector that never started, and nothing stopped.
+    assert not data_dir.exists()
