@@ -181,6 +181,10 @@ class StartupError(Exception):
     """What stops `serve` (and fails `check`) before the collector runs: one line."""
 
 
+class AddressInUse(StartupError):
+    """The address is usable, but another socket listens on it now."""
+
+
 def _listen_problem(settings: Settings, error: OSError) -> str:
     """The line for an address that cannot be listened on, with the setting that changes it."""
     where = f"cannot listen on {settings.host}:{settings.port}"
@@ -214,7 +218,8 @@ async def _bind(settings: Settings, protocol: Callable[[], asyncio.Protocol]) ->
             protocol, settings.host, settings.port, reuse_address=True, start_serving=False
         )
     except OSError as error:
-        raise StartupError(_listen_problem(settings, error)) from None
+        kind = AddressInUse if error.errno == errno.EADDRINUSE else StartupError
+        raise kind(_listen_problem(settings, error)) from None
 
 
 def _prepare_data_dir(path: Path) -> None:
@@ -428,11 +433,29 @@ def sign(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     try:
         settings = _settings_from(args)
-        validators = load_event_schemas(settings.schemas_dir)
     except SettingsError as error:
+        return _fail(str(error))
+    warnings = unknown_variables(os.environ)
+    for warning in warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    # What serve does before it runs, in its order, each failure with serve's own line.
+    try:
+        taken = asyncio.run(_try_address(settings))
+        _prepare_data_dir(settings.data_dir)
+        validators = load_event_schemas(settings.schemas_dir)
+    except (StartupError, SettingsError) as error:
         return _fail(str(error))
     except SchemaDirError as error:
         return _fail(f"schemas_dir: {error}")
+    if taken is not None:
+        # Not a failure: the collector whose settings these are may be the one holding it.
+        where = f"{settings.host}:{settings.port}"
+        warnings.append(taken)
+        print(
+            f"{PROG}: warning: {where} is in use now (by a running collector?); until it is "
+            f"free, serve stops with: {taken}",
+            file=sys.stderr,
+        )
     shown = settings.redacted()
     width = max(map(len, shown))
     for name, value in shown.items():
@@ -442,9 +465,6 @@ def check(args: argparse.Namespace) -> int:
     print(
         "relay: dry run (no OUTBOUND_API_KEY)" if settings.dry_run else "relay: sends to Outbound"
     )
-    warnings = unknown_variables(os.environ)
-    for warning in warnings:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if not warnings:
         print("all is well")
     elif len(warnings) == 1:
@@ -452,6 +472,18 @@ def check(args: argparse.Namespace) -> int:
     else:
         print(f"all is well but for the {len(warnings)} warnings above")
     return 0
+
+
+async def _try_address(settings: Settings) -> str | None:
+    """Resolve and bind the address as serve would, then let go: StartupError when it cannot
+    be used, or serve's line when only because it is in use now."""
+    try:
+        listener = await _bind(settings, asyncio.Protocol)
+    except AddressInUse as error:
+        return str(error)
+    listener.close()
+    await listener.wait_closed()
+    return None
 
 
 def schemas_lint(args: argparse.Namespace) -> int:

@@ -367,3 +367,55 @@ def test_a_port_in_use_is_found_before_anything_is_created(tmp_path: Path) -> No
     ]
     # Bound first: nothing was made for a collector that never started, and nothing stopped.
     assert not data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data-dir", "{tmp}/file/sub"], "data_dir: cannot create "),
+        # Root may write anywhere that os.access is asked about; /proc takes no files even so.
+        (["--data-dir", "/proc/self"], "data_dir: cannot write in '/proc/self'"),
+        (["--host", "no-such-host.invalid"], "the host does not resolve"),
+        (["--host", "192.0.2.1"], "cannot assign requested address"),  # not this machine's
+    ],
+)
+def test_check_fails_where_serve_would_with_the_same_line(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    (tmp_path / "file").write_text("")
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    if "--data-dir" not in args:
+        args += ["--data-dir", str(tmp_path / "data")]
+    served = run_cli("serve", "--port", "0", *args)
+    checked = run_cli("check", "--port", "0", *args)
+    assert served.returncode == checked.returncode == 2
+    [line] = served.stderr.splitlines()
+    assert expected in line
+    assert checked.stderr.splitlines() == [line]
+    assert "all is well" not in checked.stdout
+
+
+def test_check_creates_and_writes_the_data_directory_and_leaves_nothing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "new" / "data"
+    result = run_cli("check", "--port", "0", "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("all is well")
+    assert data_dir.is_dir()
+    assert list(data_dir.iterdir()) == []
+
+
+def test_check_says_when_the_port_is_taken_now_but_passes(tmp_path: Path) -> None:
+    # A running collector holds its own port: `check` of its settings is not wrong for that.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("check", "--port", str(port), "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"outbound-collector: warning: 127.0.0.1:{port} is in use now (by a running "
+        f"collector?); until it is free, serve stops with: cannot listen on 127.0.0.1:{port}: "
+        "address already in use (another program has this port; choose another with --port "
+        "or COLLECTOR_PORT)"
+    ]
+    assert result.stdout.rstrip().endswith("all is well but for the warning above")
