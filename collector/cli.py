@@ -167,6 +167,11 @@ def _add_data_dir_options(parser: argparse.ArgumentParser, default: object) -> N
     parser.add_argument("--data-dir", default=default, help="the collector's data directory")
 
 
+def counted(number: int, noun: str) -> str:
+    """A count with its noun, singular for one: `1 event`, `2 events` (nouns here take -s)."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -399,7 +404,7 @@ async def _dead_letters(args: argparse.Namespace, path: Path, which: DeadLetterF
                 print(f"{verb} {done}...", file=sys.stderr, flush=True)
 
             done = await operation(which, progress=progress)
-            print(f"{verb} {done} dead letters")
+            print(f"{verb} {counted(done, 'dead letter')}")
     finally:
         await queue.close()
     return 0
@@ -414,7 +419,7 @@ def _print_dead_letters(letters: list[dict[str, Any]], reasons: list[tuple[str, 
         status = "-" if letter["status"] is None else str(letter["status"])
         print(f"{letter['id']:>6}  {failed}  {status:6}  {name[:24]:24}  {letter['reason']}")
     total = sum(count for _, count in reasons)
-    print(f"\n{total} dead letters in all" + (":" if reasons else ""))
+    print(f"\n{counted(total, 'dead letter')} in all" + (":" if reasons else ""))
     for reason, count in reasons:
         print(f"{count:>8}  {reason}")
 
@@ -460,7 +465,7 @@ def check(args: argparse.Namespace) -> int:
     width = max(map(len, shown))
     for name, value in shown.items():
         print(f"{name:<{width}}  {value}")
-    print(f"\nschemas: {len(validators)} event schemas", end="")
+    print(f"\nschemas: {counted(len(validators), 'event schema')}", end="")
     print(f" ({', '.join(sorted(validators))})" if validators else "")
     print(
         "relay: dry run (no OUTBOUND_API_KEY)" if settings.dry_run else "relay: sends to Outbound"
@@ -509,15 +514,17 @@ def stats(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     oldest = report["oldest_event_age_seconds"]
-    print(f"queue:        {report['queued']} events waiting")
+    print(f"queue:        {counted(report['queued'], 'event')} waiting")
     print(f"oldest event: {'none' if oldest is None else f'{oldest:.0f} s old'}")
     print(f"dead letters: {report['dead_letters']}")
     for reason, count in report["dead_letters_by_reason"].items():
         print(f"{count:>14}  {reason}")
     relay = report["relay"]
-    state = "no record yet" if relay is None else f"circuit {relay['circuit']}"
-    if relay and relay.get("reason"):
+    state = f"circuit {relay['circuit']}"
+    if relay.get("reason"):
         state += f" ({relay['reason']})"
+    elif relay.get("since") is None:
+        state += " (it has not opened)"
     print(f"relay:        {state}")
     return 0
 
@@ -537,7 +544,9 @@ async def _stats(path: Path) -> dict[str, Any]:
         "oldest_event_age_seconds": None if oldest is None else max(0.0, time.time() - oldest),
         "dead_letters": numbers.dead_letters,
         "dead_letters_by_reason": dict(reasons),
-        "relay": notes.get("relay"),
+        # The relay notes its circuit when it opens or closes, not for every delivery: with
+        # no note, it has never opened in this data directory.
+        "relay": notes.get("relay") or {"circuit": "closed", "reason": None, "since": None},
     }
 
 

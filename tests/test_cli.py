@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -419,3 +420,42 @@ def test_check_says_when_the_port_is_taken_now_but_passes(tmp_path: Path) -> Non
         "or COLLECTOR_PORT)"
     ]
     assert result.stdout.rstrip().endswith("all is well but for the warning above")
+
+
+async def test_counts_are_worded_for_one_and_for_many(tmp_path: Path) -> None:
+    queue = SQLiteQueue(tmp_path / "queue.sqlite3")
+    await queue.open()
+    now = time.time()
+    await queue.put(
+        [
+            {"message_id": "m1", "user_id": "u1", "event": "first", "received_at": now},
+            {"message_id": "m2", "user_id": "u2", "event": "second", "received_at": now},
+        ]
+    )
+    claimed = await queue.claim(1, now=now, lease=60)
+    await queue.dead_letter(
+        claimed[0].id, reason="Outbound answered 400", status=400, response="", now=now
+    )
+    await queue.close()
+    data_dir = ["--data-dir", str(tmp_path)]
+
+    stats = run_cli("stats", *data_dir)
+    assert "queue:        1 event waiting\n" in stats.stdout
+    # The relay notes its circuit only when it opens or closes: no note means it never opened.
+    assert "relay:        circuit closed (it has not opened)\n" in stats.stdout
+    assert json.loads(run_cli("stats", "--json", *data_dir).stdout)["relay"] == {
+        "circuit": "closed",
+        "reason": None,
+        "since": None,
+    }
+    assert "\n1 dead letter in all:\n" in run_cli("dead-letters", "list", *data_dir).stdout
+    replayed = run_cli("dead-letters", "replay", "--all", *data_dir)
+    assert replayed.stdout == "replayed 1 dead letter\n"
+    assert "queue:        2 events waiting\n" in run_cli("stats", *data_dir).stdout
+    assert "\n0 dead letters in all\n" in run_cli("dead-letters", "list", *data_dir).stdout
+
+    schemas = tmp_path / "schemas"
+    schemas.mkdir()
+    (schemas / "renewMembership.json").write_text("{}")
+    checked = run_cli("check", "--port", "0", "--schemas-dir", str(schemas), *data_dir)
+    assert "\nschemas: 1 event schema (renewMembership)\n" in checked.stdout

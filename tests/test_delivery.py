@@ -294,13 +294,13 @@ async def test_dead_letters_replay_keeps_original_ids(
 
     replayed = cli(with_dead_letters, "replay", "--event", "first")
     assert replayed.returncode == 0
-    assert "replayed 1 dead letters" in replayed.stdout
+    assert "replayed 1 dead letter\n" in replayed.stdout
     collector.relay.wake()
     await eventually(lambda: any(r.headers["X-Outbound-GUID"] == "dl-1" for r in fake.tracks()))
     assert (await collector.queue.stats()).dead_letters == 1
 
     purged = cli(with_dead_letters, "purge", "--reason", "422")
-    assert "purged 1 dead letters" in purged.stdout
+    assert "purged 1 dead letter\n" in purged.stdout
     assert (await collector.queue.stats()).dead_letters == 0
     assert "0 dead letters in all" in cli(with_dead_letters, "list").stdout
 
@@ -342,7 +342,7 @@ async def test_stats_reads_the_data_directory(
         timeout=60,
         check=True,
     )
-    assert "queue:        1 events waiting" in result.stdout
+    assert "queue:        1 event waiting" in result.stdout
     assert "dead letters: 2" in result.stdout
     assert "1  Outbound answered 400" in result.stdout
     assert "relay:        circuit opened (Outbound answered 503)" in result.stdout
