@@ -11,6 +11,13 @@ from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+# The label values the collector uses, each series present at 0 from the start: an alert on
+# a series' absence, or a rate() over it, would otherwise wait for the first increment.
+REJECT_REASONS = ("invalid", "too_large", "not_allowed", "unverified_user")  # ingest.judge
+REFUSED_STATUSES = ("400", "401", "403", "408", "413", "415")  # ingest.RequestError
+RELAY_ENDPOINTS = ("/v2/identify", "/v2/track")  # outbound.calls_for
+RELAY_OUTCOMES = ("2xx", "4xx", "5xx", "network")  # relay.Relay._observe
+
 
 class QueueGauges(Collector):
     """Queue depth, age of the oldest event and dead letters, read when Prometheus scrapes."""
@@ -84,6 +91,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for status in REFUSED_STATUSES:
+            self.refused_requests.labels(status)
+        for endpoint in RELAY_ENDPOINTS:
+            self.relay_latency.labels(endpoint)
+            for outcome in RELAY_OUTCOMES:
+                self.relayed.labels(endpoint, outcome)
 
         # Read at scrape time from the latest queue statistics, which /metrics refreshes.
         self.queue_stats: tuple[int, float | None, int] = (0, None, 0)
