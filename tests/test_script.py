@@ -126,3 +126,39 @@ def test_script_tag_command_pins_the_served_bytes() -> None:
         f'<script defer src="https://c.example/s.js" integrity="{integrity}" '
         'crossorigin="anonymous"></script>'
     )
+
+
+async def test_gzip_and_identity_bodies_have_their_own_strong_etags(collector: Collector) -> None:
+    assert collector.session is not None
+
+    async def get(encoding: str, if_none_match: str | None = None) -> tuple[int, str, str | None]:
+        """Status, ETag, and the body's coding (None for a 304, which has no body)."""
+        headers = {"Accept-Encoding": encoding}
+        if if_none_match is not None:
+            headers["If-None-Match"] = if_none_match
+        assert collector.session is not None
+        async with collector.session.get(
+            collector.url("/s.js"), headers=headers, auto_decompress=False
+        ) as response:
+            await response.read()
+            coding = response.headers.get("Content-Encoding", "identity")
+            return (
+                response.status,
+                response.headers["ETag"],
+                (None if response.status == 304 else coding),
+            )
+
+    status, plain, coding = await get("identity")
+    assert (status, coding) == (200, "identity")
+    status, zipped, coding = await get("gzip")
+    assert (status, coding) == (200, "gzip")
+    assert plain != zipped
+    assert not plain.startswith("W/")  # strong: byte for byte
+    assert not zipped.startswith("W/")
+    # Each representation revalidates with its own tag...
+    assert await get("identity", plain) == (304, plain, None)
+    assert await get("gzip", zipped) == (304, zipped, None)
+    # ...and a tag of the other one gets the full body of the one asked for.
+    assert await get("gzip", plain) == (200, zipped, "gzip")
+    assert await get("identity", zipped) == (200, plain, "identity")
+    assert await get("gzip", f"{plain}, {zipped}") == (304, zipped, None)
