@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -280,6 +281,9 @@ async def _serve(settings: Settings) -> None:
     runner: web.AppRunner | None = None
     try:
         _prepare_data_dir(settings.data_dir)
+        # Loaded here for the banner's count, and again by create_app, which keeps them
+        # inside its validator: a few milliseconds at start-up.
+        schemas = len(load_event_schemas(settings.schemas_dir))
         app = create_app(settings)
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, keepalive_timeout=settings.keepalive_timeout
@@ -297,7 +301,8 @@ async def _serve(settings: Settings) -> None:
             await listener.start_serving()
         except OSError as error:  # another process bound the port too, and listened first
             raise StartupError(_listen_problem(settings, error)) from None
-        _print_banner(settings, [s.getsockname() for s in listener.sockets])
+        port = settings.port or int(listener.sockets[0].getsockname()[1])
+        print(banner(settings, port, schemas), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -310,14 +315,34 @@ async def _serve(settings: Settings) -> None:
             await runner.cleanup()
 
 
-def _print_banner(settings: Settings, addresses: Sequence[object]) -> None:
-    host, port = settings.host, settings.port
-    for address in addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            port = int(address[1])
-            break
-    shown = f"[{host}]" if ":" in host else host
-    base = f"http://{shown}:{port}"
+def _url_host(host: str) -> str:
+    """The host for URLs to the collector: a wildcard address (0.0.0.0, ::) is none to
+    connect to, so loopback stands for it, which works on the machine that reads the banner."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a name
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def _wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def banner(settings: Settings, port: int, schemas: int) -> str:
+    """What serve prints once it listens: where to go, what runs, what is missing."""
+    base = f"http://{_url_host(settings.host)}:{port}"
+    where = ""
+    if _wildcard(settings.host):
+        # The machine's name as a hint for other machines: it may not resolve over there.
+        where = (
+            f" (every address of this machine; from others: http://{socket.gethostname()}:{port})"
+        )
     relay = (
         "DRY RUN: OUTBOUND_API_KEY is not set; calls are logged, not sent"
         if settings.dry_run
@@ -328,20 +353,25 @@ def _print_banner(settings: Settings, addresses: Sequence[object]) -> None:
         if settings.allowed_origins
         else "none but its own; set COLLECTOR_ALLOWED_ORIGINS to the sites embedding the script"
     )
+    loaded = (
+        f"{counted(schemas, 'event schema')}, from {settings.schemas_dir}"
+        if settings.schemas_dir is not None
+        else "none; events are checked against the envelope only (COLLECTOR_SCHEMAS_DIR)"
+    )
     pages = ""
     if demo_enabled(settings):
         pages += f"  demo:   {base}/demo  (open it, click, and watch the events)\n"
     if settings.admin_token is not None:
         pages += f"  debug:  {base}/debug  (asks for the admin token)\n"
-    print(
-        f"{PROG} {__version__} listening on {base}\n"
+    return (
+        f"{PROG} {__version__} listening on {base}{where}\n"
         f"{pages}"
         f"  script: {base}{settings.script_path}\n"
         f"  events: {base}{settings.event_path}  (and {base}/v2/track, {base}/v2/identify)\n"
-        f"  queue:  {settings.data_dir / 'queue.sqlite3'}\n"
+        f"  schemas: {loaded}\n"
+        f"  queue:  {settings.data_dir / QUEUE_FILE}\n"
         f"  origins allowed: {origins}\n"
-        f"  relay:  {relay}",
-        flush=True,
+        f"  relay:  {relay}"
     )
 
 
@@ -351,7 +381,7 @@ def script_tag(args: argparse.Namespace) -> int:
     except SettingsError as error:
         return _fail(str(error))
     try:
-        base = http_url(args.base_url or f"http://{settings.host}:{settings.port}")
+        base = http_url(args.base_url or f"http://{_url_host(settings.host)}:{settings.port}")
     except ValueError as error:
         return _fail(f"--base-url: {error}")
     script = Script.packaged(settings.event_path, settings.script_path)

@@ -17,6 +17,9 @@ from conftest import SEED_EVENT
 from fake_outbound import KEY, FakeOutbound
 from serve_process import ServeProcess
 
+from collector import __version__
+from collector.cli import banner
+from collector.config import Settings
 from collector.queue import SQLiteQueue
 
 
@@ -459,3 +462,52 @@ async def test_counts_are_worded_for_one_and_for_many(tmp_path: Path) -> None:
     (schemas / "renewMembership.json").write_text("{}")
     checked = run_cli("check", "--port", "0", "--schemas-dir", str(schemas), *data_dir)
     assert "\nschemas: 1 event schema (renewMembership)\n" in checked.stdout
+
+
+@pytest.mark.parametrize(
+    ("host", "base"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:8080"),
+        ("::", "http://[::1]:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("127.0.0.1", "http://127.0.0.1:8080"),
+    ],
+)
+def test_banner_prints_urls_that_work(host: str, base: str) -> None:
+    # Built, not served: tests listen on loopback only, never on every address.
+    text = banner(Settings(host=host), 8080, 0)
+    assert text.startswith(f"outbound-collector {__version__} listening on {base}")
+    assert f"  script: {base}/s.js\n" in text
+    assert "0.0.0.0" not in text
+    assert "http://[::]" not in text
+    elsewhere = f"(every address of this machine; from others: http://{socket.gethostname()}:8080)"
+    assert (elsewhere in text.splitlines()[0]) == (host in {"0.0.0.0", "::"})
+
+
+def test_script_tag_with_a_wildcard_host_uses_a_url_that_works() -> None:
+    result = run_cli("script-tag", "--host", "0.0.0.0", "--port", "8080")
+    assert result.returncode == 0, result.stderr
+    assert 'src="http://127.0.0.1:8080/s.js"' in result.stdout
+
+
+async def test_banner_says_how_many_event_schemas_were_loaded(tmp_path: Path) -> None:
+    schemas = tmp_path / "schemas"
+    schemas.mkdir()
+    (schemas / "renewMembership.json").write_text("{}")
+    (schemas / "signedUp.json").write_text("{}")
+    server = await asyncio.to_thread(
+        ServeProcess,
+        ["--data-dir", str(tmp_path / "data"), "--schemas-dir", str(schemas)],
+        env={},
+        log=tmp_path / "log",
+    )
+    assert await asyncio.to_thread(server.stop) == 0
+    assert f"  schemas: 2 event schemas, from {schemas}\n" in server.output()
+    bare = await asyncio.to_thread(
+        ServeProcess, ["--data-dir", str(tmp_path / "data")], env={}, log=tmp_path / "log2"
+    )
+    assert await asyncio.to_thread(bare.stop) == 0
+    assert (
+        "  schemas: none; events are checked against the envelope only (COLLECTOR_SCHEMAS_DIR)\n"
+        in bare.output()
+    )
