@@ -19,6 +19,12 @@ log = logging.getLogger("collector.debug")
 
 COOKIE = "collector_admin"
 HEARTBEAT = 15.0
+NOTICE_MARK = b"{{NOTICE}}"
+# Shown after a failed try (the redirect adds ?wrong=1); never with what was typed.
+WRONG_TOKEN = (
+    b'<p class="error" role="alert">That is not the admin token. Check '
+    b"<code>COLLECTOR_ADMIN_TOKEN</code> on the server and try again.</p>"
+)
 
 
 def _page(name: str) -> bytes:
@@ -37,9 +43,13 @@ def _admin(request: web.Request, settings: Settings) -> bool:
 
 
 async def get_debug(request: web.Request) -> web.Response:
-    """The live view, or the form that asks for the admin token."""
-    name = "debug.html" if _admin(request, request.app[SETTINGS]) else "login.html"
-    return web.Response(body=_page(name), content_type="text/html", charset="utf-8")
+    """The live view, or the form that asks for the admin token (saying so after a wrong one)."""
+    if _admin(request, request.app[SETTINGS]):
+        page = _page("debug.html")
+    else:
+        notice = WRONG_TOKEN if "wrong" in request.query else b""
+        page = _page("login.html").replace(NOTICE_MARK, notice)
+    return web.Response(body=page, content_type="text/html", charset="utf-8")
 
 
 async def post_debug_login(request: web.Request) -> web.Response:
