@@ -146,7 +146,7 @@ async def test_labelled_counters_are_there_at_zero_from_the_start(collector: Col
     # start; these are the label values the README lists.
     _, text, _ = await collector.get("/metrics")
     got = samples(text.decode())
-    expected = [
+    expected: list[tuple[str, tuple[tuple[str, str], ...]]] = [
         ("collector_events_rejected_total", (("reason", reason),))
         for reason in ("invalid", "too_large", "not_allowed", "unverified_user")
     ]
