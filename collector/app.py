@@ -11,12 +11,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import debug, ingest
+from . import cors, debug, ingest
 from .config import Settings
 from .identity import bearer_token, token_matches
 from .keys import (
     DEBUG_HUB,
-    EVENT_PATHS,
     IP_LIMITER,
     METRICS,
     QUEUE,
@@ -212,25 +211,20 @@ def create_app(settings: Settings) -> web.Application:
     if settings.admin_token is not None or debug.demo_enabled(settings):
         app.router.add_get("/_collector/{name:live\\.(?:js|css)}", get_asset)
     app.on_shutdown.append(close_viewers)
-    for path, handler in (
-        (settings.event_path, ingest.post_event),
-        ("/v2/track", ingest.post_outbound_track),
-        ("/v2/identify", ingest.post_outbound_identify),
-    ):
-        app.router.add_post(path, handler)
-        app.router.add_route("OPTIONS", path, ingest.preflight)
-    app[EVENT_PATHS] = frozenset({settings.event_path, "/v2/track", "/v2/identify"})
+    # Every POST route that pages may call from another origin, the one list: a route added
+    # here gets its preflight and CORS headers with the others.
+    cors.add_browser_posts(
+        app,
+        settings,
+        {
+            settings.event_path: ingest.post_event,
+            "/v2/track": ingest.post_outbound_track,
+            "/v2/identify": ingest.post_outbound_identify,
+        },
+    )
     app.on_response_prepare.append(_common_headers)
     return app
 
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    origin = request.headers.get("Origin")
-    if (
-        origin is not None
-        and request.method == "POST"
-        and request.path in request.app[EVENT_PATHS]
-        and ingest.cors_allowed(origin, request.app[SETTINGS].allowed_origins)
-    ):
-        response.headers["Access-Control-Allow-Origin"] = origin

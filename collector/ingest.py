@@ -193,34 +193,6 @@ def origin_allowed(origin: str, allowed: tuple[str, ...], own_host: str | None) 
     return bool(own_host) and parts.scheme in {"http", "https"} and parts.netloc == own_host
 
 
-def cors_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
-    """Whether a page on `origin` may read the answers of the event endpoints (CORS)."""
-    return origin is not None and ("*" in allowed or origin in allowed)
-
-
-async def preflight(request: web.Request) -> web.Response:
-    """`OPTIONS` on an event endpoint: a browser asking whether a page may POST JSON to it."""
-    settings = request.app[SETTINGS]
-    origin = request.headers.get("Origin")
-    if not cors_allowed(origin, settings.allowed_origins):
-        return error_response(403, f"the origin {(origin or '')[:100]!r} may not send events")
-    if request.headers.get("Access-Control-Request-Method") != "POST":
-        return error_response(403, "only POST is allowed here")
-    asked = request.headers.get("Access-Control-Request-Headers", "")
-    extra = {h.strip().lower() for h in asked.split(",") if h.strip()} - {"content-type"}
-    if extra:
-        return error_response(403, f"only Content-Type may be sent, not {', '.join(sorted(extra))}")
-    headers = {
-        "Access-Control-Allow-Origin": str(origin),
-        "Access-Control-Allow-Methods": "POST",
-        "Access-Control-Max-Age": str(settings.cors_max_age),
-        "Vary": "Origin",
-    }
-    if asked.strip():
-        headers["Access-Control-Allow-Headers"] = "Content-Type"
-    return web.Response(status=200, headers=headers)
-
-
 def is_server(request: web.Request, settings: Settings) -> bool:
     """Whether a trusted back-end sent this (a valid server token); refuses what may not send.
 

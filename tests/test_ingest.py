@@ -7,11 +7,13 @@ import logging
 import sqlite3
 from dataclasses import dataclass
 
+import aiohttp
 import orjson
 import pytest
 from conftest import SEED_EVENT, Collector, StartCollector
 from fake_outbound import FakeOutbound, Fault
 
+from collector.config import Secret
 from collector.ingest import RequestError, split_batch
 
 TEXT = {"Content-Type": "text/plain;charset=UTF-8"}
@@ -377,20 +379,58 @@ async def test_limits_are_configurable(start_collector: StartCollector) -> None:
     assert "the limit is 300" in answer["rejected"][0]["errors"][0]["message"]
 
 
+SHOP_ORIGIN = "https://shop.example"
+
+
+def varies_on_origin(response: aiohttp.ClientResponse) -> bool:
+    names = {name.strip().lower() for name in response.headers.get("Vary", "").split(",")}
+    return "origin" in names
+
+
+def readable_by(response: aiohttp.ClientResponse, origin: str) -> bool:
+    """Whether a page on `origin` may read this answer (without credentials), as CORS says."""
+    return (
+        response.headers.get("Access-Control-Allow-Origin") == origin
+        and "Access-Control-Allow-Credentials" not in response.headers
+        and varies_on_origin(response)
+    )
+
+
 async def test_cors_headers_on_success_errors_and_preflight(
-    start_collector: StartCollector,
+    start_collector: StartCollector, fake: FakeOutbound
 ) -> None:
-    collector = await start_collector(allowed_origins=("https://shop.example",), cors_max_age=600)
-    origin = {"Origin": "https://shop.example"}
+    fake.always = Fault(503)  # nothing leaves the queue: the third event fills it
+    collector = await start_collector(
+        allowed_origins=(SHOP_ORIGIN,),
+        cors_max_age=600,
+        max_batch_events=2,
+        queue_max_events=2,
+        breaker_threshold=1,
+    )
+    origin = {"Origin": SHOP_ORIGIN}
     status, _, response = await collector.post("/e", SEED_EVENT, headers=origin)
     assert status == 202
-    assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
-    status, _, response = await collector.post("/e", {"event": 1}, headers=origin)
-    assert status == 400
-    assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
-    status, _, response = await collector.post("/e", data=b"{", headers={**TEXT, **origin})
-    assert status == 400
-    assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    assert readable_by(response, SHOP_ORIGIN)
+    # Every error a page may meet is readable too, and says when to retry where it does.
+    errors = [
+        ({"event": 1}, {}, 400),
+        (b"{", TEXT, 400),
+        (b"event=x", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ({"batch": [EVENT] * 3}, {}, 413),
+    ]
+    for document, headers, expected in errors:
+        raw = document if isinstance(document, bytes) else None
+        status, _, response = await collector.post(
+            "/e", None if raw else document, data=raw, headers={**headers, **origin}
+        )
+        assert status == expected
+        assert readable_by(response, SHOP_ORIGIN), expected
+    status, _, response = await collector.post("/e", {**SEED_EVENT, "event": "y"}, headers=origin)
+    assert status == 202
+    status, _, response = await collector.post("/e", {**SEED_EVENT, "event": "z"}, headers=origin)
+    assert (status, response.headers["Retry-After"]) == (503, "5")
+    assert readable_by(response, SHOP_ORIGIN)
+    assert response.headers["Access-Control-Expose-Headers"] == "Retry-After"
 
     assert collector.session is not None
     preflight = {
@@ -400,38 +440,119 @@ async def test_cors_headers_on_success_errors_and_preflight(
     }
     async with collector.session.options(collector.url("/e"), headers=preflight) as response:
         assert response.status == 200
-        assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+        assert readable_by(response, SHOP_ORIGIN)
         assert response.headers["Access-Control-Max-Age"] == "600"
         assert response.headers["Access-Control-Allow-Methods"] == "POST"
-        assert response.headers["Access-Control-Allow-Headers"] == "Content-Type"
-    other = {**preflight, "Origin": "https://evil.example"}
-    async with collector.session.options(collector.url("/e"), headers=other) as response:
-        assert "Access-Control-Allow-Origin" not in response.headers
-        assert response.status == 403
-        assert "https://evil.example" in (await response.json())["error"]
-    custom = {**preflight, "Access-Control-Request-Headers": "content-type, x-custom"}
-    async with collector.session.options(collector.url("/v2/track"), headers=custom) as response:
-        assert (response.status, await response.json()) == (
-            403,
-            {"error": "only Content-Type may be sent, not x-custom"},
-        )
-    put = {**preflight, "Access-Control-Request-Method": "PUT"}
-    async with collector.session.options(collector.url("/e"), headers=put) as response:
-        assert response.status == 403
-    status, _, response = await collector.post(
-        "/e", SEED_EVENT, headers={"Origin": "https://evil.example"}
+        assert response.headers["Access-Control-Allow-Headers"].lower() == "content-type"
+    # Refused preflights: aiohttp-cors answers 403 without CORS headers, so the browser
+    # never sends the request itself.
+    refused = [
+        ({**preflight, "Origin": "https://evil.example"}, "https://evil.example"),
+        ({**preflight, "Access-Control-Request-Headers": "content-type, x-custom"}, "x-custom"),
+        ({**preflight, "Access-Control-Request-Method": "PUT"}, "PUT"),
+    ]
+    for headers, reason in refused:
+        async with collector.session.options(
+            collector.url("/v2/track"), headers=headers
+        ) as response:
+            assert response.status == 403
+            assert "Access-Control-Allow-Origin" not in response.headers
+            assert varies_on_origin(response)
+            assert reason.lower() in (await response.text()).lower()
+
+
+async def test_a_refused_origin_can_read_its_403_and_nothing_else(
+    start_collector: StartCollector,
+) -> None:
+    """The page's script must see the 403 to drop its batch (a response it cannot read looks
+    like a network error, and it would resend forever); only the refusal is readable."""
+    token = "server-token-for-the-test-1"
+    collector = await start_collector(
+        allowed_origins=(SHOP_ORIGIN,), server_tokens=(Secret(token),)
     )
+    evil = "https://evil.example"
+    for path in ("/e", "/v2/track", "/v2/identify"):
+        status, answer, response = await collector.post(path, SEED_EVENT, headers={"Origin": evil})
+        assert status == 403
+        assert answer == {"error": f"the origin '{evil}' is not allowed to send events"}
+        assert readable_by(response, evil)
+        assert "Access-Control-Expose-Headers" not in response.headers
+    assert collector.queue.stored == 0
+    # A back-end that says it is on that origin, with a valid token, is served; its answers
+    # stay unreadable to a page on it.
+    bearer = {"Origin": evil, "Authorization": f"Bearer {token}"}
+    status, _, response = await collector.post("/e", SEED_EVENT, headers=bearer)
+    assert status == 202
+    assert "Access-Control-Allow-Origin" not in response.headers
+    status, _, response = await collector.post("/e", {"event": 1}, headers=bearer)
+    assert status == 400
+    assert "Access-Control-Allow-Origin" not in response.headers
+    # Refused by its Referer alone: no Origin, so no CORS at all.
+    status, _, response = await collector.post(
+        "/e", SEED_EVENT, headers={"Referer": f"{evil}/page"}
+    )
+    assert status == 403
     assert "Access-Control-Allow-Origin" not in response.headers
 
 
 async def test_cors_for_any_origin_with_a_star(start_collector: StartCollector) -> None:
     collector = await start_collector(allowed_origins=("*",))
-    origin = {"Origin": "https://anywhere.example"}
-    status, _, response = await collector.post("/v2/track", SEED_EVENT, headers=origin)
-    assert status == 202
-    assert response.headers["Access-Control-Allow-Origin"] == "https://anywhere.example"
+    for anywhere in ("https://anywhere.example", "null"):
+        status, _, response = await collector.post(
+            "/v2/track", SEED_EVENT, headers={"Origin": anywhere}
+        )
+        assert status == 202
+        assert readable_by(response, anywhere)  # echoed, never with credentials
+        assert collector.session is not None
+        preflight = {"Origin": anywhere, "Access-Control-Request-Method": "POST"}
+        async with collector.session.options(
+            collector.url("/v2/track"), headers=preflight
+        ) as response:
+            assert response.status == 200
+            assert readable_by(response, anywhere)
     status, _, response = await collector.post("/v2/track", SEED_EVENT)
     assert "Access-Control-Allow-Origin" not in response.headers  # not a browser: no CORS
+    assert varies_on_origin(response)  # but a cache must not hand this answer to one
+
+
+@pytest.mark.parametrize("path", ["/in", "/v2/track", "/v2/identify"])
+async def test_every_browser_route_has_cors(start_collector: StartCollector, path: str) -> None:
+    collector = await start_collector(
+        allowed_origins=(SHOP_ORIGIN,), event_path="/in", cors_max_age=0
+    )
+    assert collector.session is not None
+    preflight = {
+        "Origin": SHOP_ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    async with collector.session.options(collector.url(path), headers=preflight) as response:
+        assert response.status == 200
+        assert readable_by(response, SHOP_ORIGIN)
+        assert response.headers["Access-Control-Max-Age"] == "0"
+    body = {"user_id": "u1"} if path == "/v2/identify" else SEED_EVENT
+    status, _, response = await collector.post(path, body, headers={"Origin": SHOP_ORIGIN, **JSON})
+    assert status == 202
+    assert readable_by(response, SHOP_ORIGIN)
+
+
+@pytest.mark.parametrize("origin", [None, SHOP_ORIGIN, "https://evil.example"])
+async def test_the_script_is_public_to_every_origin(
+    start_collector: StartCollector, origin: str | None
+) -> None:
+    """/s.js keeps its constant `*` (pages pin it with integrity, and caches keep one copy);
+    no CORS layer may add its own header beside it."""
+    collector = await start_collector(allowed_origins=(SHOP_ORIGIN,))
+    headers = {"Origin": origin} if origin else {}
+    status, _, response = await collector.get("/s.js", headers=headers)
+    assert status == 200
+    assert response.headers.getall("Access-Control-Allow-Origin") == ["*"]
+    assert "Access-Control-Allow-Credentials" not in response.headers
+    status, _, response = await collector.get(
+        "/s.js", headers={**headers, "If-None-Match": response.headers["ETag"]}
+    )
+    assert status == 304
+    assert response.headers.getall("Access-Control-Allow-Origin") == ["*"]
 
 
 @pytest.mark.parametrize(

@@ -75,11 +75,15 @@ async def test_origin_rules_for_events(
     start_collector: StartCollector, headers: dict[str, str], status: int
 ) -> None:
     collector = await start_collector(allowed_origins=(SHOP,))
-    got, answer, _ = await collector.post("/e", EVENT, headers=headers)
+    got, answer, response = await collector.post("/e", EVENT, headers=headers)
     assert got == status
     if status == 403:
         assert "is not allowed to send events" in answer["error"]
     assert collector.queue.stored == (1 if status == 202 else 0)
+    # A page can read its answer, the refusal too (so that its script drops the batch);
+    # without an Origin there is no CORS.
+    assert response.headers.get("Access-Control-Allow-Origin") == headers.get("Origin")
+    assert "Origin" in response.headers["Vary"]
 
 
 @pytest.mark.parametrize(
@@ -106,6 +110,8 @@ async def test_origin_rules_for_preflights(
     async with collector.session.options(collector.url("/e"), headers=headers) as response:
         assert (response.headers.get("Access-Control-Allow-Origin") == origin) is allowed
         assert (response.status == 200) is allowed
+        assert "Access-Control-Allow-Credentials" not in response.headers
+        assert "Origin" in response.headers["Vary"]
 
 
 async def test_rate_limit_per_ip_answers_429_with_retry_after(

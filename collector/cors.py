@@ -1,0 +1,83 @@
+"""CORS: the routes that pages on other sites may call, answered by aiohttp-cors, and the
+little it leaves to the collector.
+
+aiohttp-cors answers preflights and adds `Access-Control-*` to every answer of these routes
+(errors too) for the allowed origins. It does not refuse an origin (it only withholds its
+headers: `ingest.is_server` refuses), it adds no `Vary: Origin` (aiohttp-cors #351), and a
+refused page could not read its 403, so its script would resend the batch forever. The
+hook below adds the last two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp_cors
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .config import Settings
+from .ingest import origin_allowed
+from .keys import EVENT_PATHS, SETTINGS
+
+# What a page may read beyond the safelisted headers: when to retry after a 429 or a 503.
+EXPOSED_HEADERS = ("Retry-After",)
+
+
+def add_browser_posts(
+    app: web.Application, settings: Settings, routes: Mapping[str, Handler]
+) -> None:
+    """Add the POST routes that pages on the allowed origins may call, with their CORS."""
+    cors = aiohttp_cors.setup(app)
+    options = origin_options(settings)
+    for path, handler in routes.items():
+        # The resource holds every method of its path before `cors.add`: a route added to
+        # the path later lands on a resource of its own, which aiohttp-cors approves in the
+        # preflight and then answers without CORS headers (aiohttp-cors #226).
+        resource = app.router.add_resource(path)
+        resource.add_route("POST", handler)
+        cors.add(resource, options)
+    app[EVENT_PATHS] = frozenset(routes)
+    app.on_response_prepare.append(_origin_headers)
+
+
+def origin_options(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions]:
+    """One `ResourceOptions` per allowed origin (`*`: any origin), never with credentials."""
+    return {
+        origin: aiohttp_cors.ResourceOptions(
+            # The collector reads no cookie; and aiohttp-cors echoes the Origin for `*`,
+            # which with credentials would hand every site the visitor's.
+            allow_credentials=False,
+            allow_methods=("POST",),
+            allow_headers=("Content-Type",),
+            expose_headers=EXPOSED_HEADERS,
+            max_age=settings.cors_max_age,
+        )
+        for origin in settings.allowed_origins
+    }
+
+
+async def _origin_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`Vary: Origin` on every answer of the browser routes, and a refused origin's 403
+    readable by that page, so that its script drops the batch instead of resending it."""
+    if request.path not in request.app[EVENT_PATHS]:
+        return
+    _vary_on_origin(response)
+    origin = request.headers.get("Origin")
+    if (
+        origin is not None
+        and response.status == 403
+        and request.method == "POST"
+        and not origin_allowed(origin, request.app[SETTINGS].allowed_origins, request.host)
+    ):
+        # Ingest answers 403 only to refuse an origin, so no other answer becomes readable;
+        # aiohttp-cors leaves an origin it does not know alone, so the header is set once.
+        response.headers["Access-Control-Allow-Origin"] = origin
+
+
+def _vary_on_origin(response: web.StreamResponse) -> None:
+    vary = response.headers.get("Vary")
+    if vary is None:
+        response.headers["Vary"] = "Origin"
+    elif "origin" not in {name.strip().lower() for name in vary.split(",")}:
+        response.headers["Vary"] = f"{vary}, Origin"
