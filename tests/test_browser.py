@@ -298,6 +298,89 @@ async def test_no_preflight_and_text_plain(browser: Browser, site: Site) -> None
     assert all(request.headers["content-type"].startswith("text/plain") for request in sent)
 
 
+def posts_from(site: Site, path: str, origin: str) -> int:
+    """POSTs to `path` that the collector received from pages on `origin`."""
+    return sum(
+        1
+        for method, where, headers in site.collector.requests
+        if (method, where) == ("POST", path) and headers.get("Origin") == origin
+    )
+
+
+async def outbox_empty(page: Page) -> bool:
+    size: int = await page.evaluate(
+        "JSON.parse(localStorage.getItem('outbound:outbox') || '[]').length"
+    )
+    return size == 0
+
+
+# A call a page's own code makes: [status, JSON body], or the error when it cannot read it.
+FETCH = """async ([url, contentType, body]) => {
+    const headers = contentType ? {"Content-Type": contentType} : {};
+    try {
+        const response = await fetch(url, {method: "POST", headers, body});
+        return [response.status, await response.json()];
+    } catch (error) {
+        return [0, String(error)];
+    }
+}"""
+
+
+async def test_a_page_on_an_allowed_origin_reads_the_answers(browser: Browser, site: Site) -> None:
+    page, _ = await open_page(browser, site)
+    await page.evaluate("outbound.track('renewMembership', {plan: 'gold'})")
+    await eventually(lambda: len(site.events()) == 1)
+    # The script could read each 202 (CORS let it), so it emptied its outbox and sent each
+    # batch once: the page view, then the track.
+    await eventually(lambda: outbox_empty(page))
+    await asyncio.sleep(1.5)  # a batch the script could not read would go again after 1 s
+    assert posts_from(site, "/e", site.origin) == 2
+    assert site.collector.queue.stored == 2
+    event = '{"event": "x", "anonymous_id": "a1"}'
+    answer = await page.evaluate(FETCH, [site.collector.url("/e"), None, event])
+    assert answer == [202, {"accepted": 1, "rejected": []}]
+
+
+async def test_a_page_on_a_refused_origin_reads_its_403_and_drops_the_batch(
+    browser: Browser, site: Site
+) -> None:
+    refused = site.origin.replace("127.0.0.1", "localhost")  # same pages, another origin
+    page = await browser.new_page()
+    await page.goto(f"{refused}/")
+    await eventually(lambda: posts_from(site, "/e", refused) == 1)  # the page view
+    # An answer the script cannot read looks like a network error: it would keep the batch
+    # and send it again after 1 s, 2 s more, and so on.
+    await asyncio.sleep(4)
+    assert posts_from(site, "/e", refused) == 1
+    assert await outbox_empty(page)
+    answer = await page.evaluate(
+        FETCH, [site.collector.url("/e"), None, '{"event": "x", "anonymous_id": "a1"}']
+    )
+    assert answer == [403, {"error": f"the origin '{refused}' is not allowed to send events"}]
+    assert site.collector.queue.stored == 0
+    assert site.fake.received == []
+
+
+async def test_a_preflighted_json_call_from_a_page(browser: Browser, site: Site) -> None:
+    page, _ = await open_page(browser, site)
+    track = '{"user_id": "u1", "event": "renewMembership", "properties": {"plan": "gold"}}'
+    answer = await page.evaluate(
+        FETCH, [site.collector.url("/v2/track"), "application/json", track]
+    )
+    assert answer == [202, {"accepted": 1, "rejected": []}]
+    # application/json is not a simple request: Chromium asked first, and aiohttp-cors said yes.
+    preflights = [
+        headers
+        for method, path, headers in site.collector.requests
+        if (method, path) == ("OPTIONS", "/v2/track")
+    ]
+    assert len(preflights) == 1
+    assert preflights[0]["Origin"] == site.origin
+    assert preflights[0]["Access-Control-Request-Method"] == "POST"
+    assert preflights[0]["Access-Control-Request-Headers"] == "content-type"
+    await eventually(lambda: any(r.body.get("user_id") == "u1" for r in site.events()))
+
+
 @pytest.mark.parametrize(
     ("init_script", "attributes"),
     [
