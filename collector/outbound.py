@@ -12,7 +12,10 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import aiohttp
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from .config import Secret
 from .enrich import Record
@@ -169,185 +172,19 @@ class Outbound(Protocol):
 
 
 DETAIL_BYTES = 2048  # of an answer's body, kept to explain a refusal
-MAX_HEAD_BYTES = 64 * 1024
-MAX_BODY_BYTES = 1 << 20  # an answer larger than this ends its connection
-
-
-class MalformedAnswer(Exception):
-    """What came back is not HTTP/1.x as this client reads it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    """One HTTP answer as read from a connection's bytes."""
-
-    status: int
-    headers: dict[str, str]  # names in lower case
-    detail: bytes  # the body's first DETAIL_BYTES
-    keep_alive: bool
-    size: int  # how many bytes of the buffer it took
-
-
-def parse_response(data: bytes, *, eof: bool = False) -> Response | None:
-    """The first whole answer in `data`, or None while more bytes must come.
-
-    `eof`: the server closed its side, which ends a body that has no length. Informational
-    (1xx) answers are skipped. Raises MalformedAnswer for what cannot be HTTP/1.x.
-    """
-    start = 0
-    while True:
-        end = data.find(b"\r\n\r\n", start)
-        if end < 0:
-            if len(data) - start > MAX_HEAD_BYTES:
-                raise MalformedAnswer("the answer's head is too large")
-            return None
-        lines = data[start:end].decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit() or rest[3:4] not in ("", " "):
-            raise MalformedAnswer(f"not an HTTP status line: {lines[0][:80]!r}")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip():
-                raise MalformedAnswer(f"not a header line: {line[:80]!r}")
-            headers[name.lower()] = value.strip()
-        status, body_start = int(code), end + 4
-        if 100 <= status < 200:
-            start = body_start
-            continue
-        break
-    keep_alive = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-    if status in (204, 304):
-        return Response(status, headers, b"", keep_alive, body_start)
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return _chunked(data, body_start, status, headers, keep_alive)
-    length = headers.get("content-length")
-    if length is None:  # the body runs until the server closes the connection
-        if not eof:
-            if len(data) - body_start > MAX_BODY_BYTES:
-                raise MalformedAnswer("the answer's body is too large")
-            return None
-        return Response(status, headers, data[body_start:][:DETAIL_BYTES], False, len(data))
-    if not length.isdigit():
-        raise MalformedAnswer(f"not a Content-Length: {length[:40]!r}")
-    size = int(length)
-    if size > MAX_BODY_BYTES:
-        raise MalformedAnswer("the answer's body is too large")
-    if len(data) < body_start + size:
-        if eof:
-            raise MalformedAnswer("the connection closed before the body ended")
-        return None
-    detail = data[body_start : body_start + min(size, DETAIL_BYTES)]
-    return Response(status, headers, detail, keep_alive, body_start + size)
-
-
-def _chunked(
-    data: bytes, at: int, status: int, headers: dict[str, str], keep_alive: bool
-) -> Response | None:
-    detail = bytearray()
-    total = 0
-    while True:
-        line_end = data.find(b"\r\n", at)
-        if line_end < 0:
-            return None
-        size_text = data[at:line_end].split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise MalformedAnswer(f"not a chunk size: {size_text[:20]!r}") from None
-        total += size
-        if size < 0 or total > MAX_BODY_BYTES:
-            raise MalformedAnswer("the answer's body is too large")
-        if size == 0:  # the last chunk; then trailers, if any, and an empty line
-            trailers_end = data.find(b"\r\n\r\n", line_end)
-            if data.startswith(b"\r\n", line_end + 2):
-                return Response(status, headers, bytes(detail), keep_alive, line_end + 4)
-            if trailers_end < 0:
-                return None
-            return Response(status, headers, bytes(detail), keep_alive, trailers_end + 4)
-        chunk_start, chunk_end = line_end + 2, line_end + 2 + size
-        if len(data) < chunk_end + 2:
-            return None
-        if data[chunk_end : chunk_end + 2] != b"\r\n":
-            raise MalformedAnswer("a chunk does not end where its size says")
-        detail += data[chunk_start : min(chunk_end, chunk_start + DETAIL_BYTES - len(detail))]
-        at = chunk_end + 2
-
-
-class _StaleConnection(Exception):
-    """A kept-alive connection the server had closed: the request never got an answer."""
-
-
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: a request at a time, its answer read by parse_response."""
-
-    def __init__(self) -> None:
-        self._transport: asyncio.Transport | None = None
-        self._buffer = b""
-        self._eof = False
-        self._waiter: asyncio.Future[Response] | None = None
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # a stream transport
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        self._read()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._read()
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self._waiter is not None and not self._waiter.done():
-            if self._buffer:
-                self._waiter.set_exception(ConnectionError("the connection closed mid-answer"))
-            else:
-                self._waiter.set_exception(_StaleConnection(str(exc or "closed")))
-
-    def _read(self) -> None:
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            if self._buffer or self._eof:
-                self.close()  # bytes nobody asked for: this connection cannot be trusted
-            return
-        try:
-            response = parse_response(self._buffer, eof=self._eof)
-        except MalformedAnswer as error:
-            waiter.set_exception(error)
-            self.close()
-            return
-        if response is not None:
-            self._buffer = self._buffer[response.size :]
-            waiter.set_result(response)
-
-    async def request(self, message: bytes) -> Response:
-        assert self._transport is not None
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._transport.write(message)
-        try:
-            response = await self._waiter
-        finally:
-            self._waiter = None
-        if not response.keep_alive or self._buffer or self._eof:
-            self.close()
-        return response
-
-    def close(self) -> None:
-        self.closed = True
-        if self._transport is not None:
-            self._transport.close()
+# How much of an answer's body is read past the detail, to find its end (a body cut off
+# is a failed call) and to keep its connection; a longer one is left unread, its
+# connection closed, and its status stands.
+MAX_BODY_BYTES = 1 << 20
+_READ_BYTES = 64 * 1024
 
 
 class HttpOutbound:
-    """Outbound's REST API over kept-alive HTTP/1.1 connections, the key in its header only.
+    """Outbound's REST API through one aiohttp session, the key in its header only.
 
-    A client of its own rather than aiohttp's: the relay is bound by CPU, and an aiohttp
-    call cost ~100 µs of it here against ~25 µs for this one (see bench/RESULTS.md).
+    Keep-alive connections to the one host, at most `concurrency` of them; the proxy from
+    HTTPS_PROXY/HTTP_PROXY unless NO_PROXY names the host; `tls` for https (the system's
+    authorities by default).
     """
 
     def __init__(
@@ -363,86 +200,108 @@ class HttpOutbound:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         self._base_url = base_url.rstrip("/")
-        self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
-        self._prefix = parts.path.rstrip("/")
-        self._host_header = parts.netloc.rsplit("@", 1)[-1]
         self._key = key
         self._timeout = timeout
-        self._max_idle = concurrency * 2
-        self._idle: list[_Connection] = []
+        self._concurrency = concurrency
+        self._tls = tls
+        self._urls: dict[str, URL] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._headers = {  # with every call
+            "X-Outbound-Key": key.reveal(),
+            "Content-Type": "application/json",
+            "User-Agent": "outbound-collector",
+        }
+        # The proxy HTTPS_PROXY or HTTP_PROXY names for this URL, unless NO_PROXY names its
+        # host: aiohttp's own lookup, run once here. A session with trust_env=True runs it,
+        # and a netrc lookup, on a thread for every call: 3-4 times the CPU per call.
+        self._proxy: URL | None = None
+        self._proxy_headers: dict[str, str] | None = None
+        try:
+            self._proxy, auth = get_env_proxy_for_url(URL(self._base_url))
+        except LookupError:
+            auth = None
+        else:
+            log.info("calls to Outbound go through the proxy %s", self._proxy)  # no credentials
+        if auth is not None:  # the variable's user:password@, or the proxy's line in netrc
+            credentials = {"Proxy-Authorization": auth.encode()}
+            # aiohttp sends proxy_headers with a tunnel's CONNECT only; a plain http request
+            # goes to the proxy itself and carries them (the proxy takes them off).
+            if parts.scheme == "https":
+                self._proxy_headers = credentials
+            else:
+                self._headers.update(credentials)
 
     def __repr__(self) -> str:
         return f"HttpOutbound({self._base_url!r})"
 
+    def _open(self) -> aiohttp.ClientSession:
+        # Made on first use, on the loop that runs the relay: a session belongs to one loop.
+        connector = aiohttp.TCPConnector(
+            limit=self._concurrency,
+            limit_per_host=self._concurrency,
+            ssl=self._tls if self._tls is not None else True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            proxy=self._proxy,
+            headers=self._headers,
+        )
+        return self._session
+
+    def _url(self, endpoint: str) -> URL:
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = URL(self._base_url + endpoint)
+        return url
+
     async def send(self, call: Call) -> Answer:
-        message = self._message(call)
+        """POST the call; what came back, or why nothing did (never raises for that)."""
+        session = self._session or self._open()
         try:
-            async with asyncio.timeout(self._timeout):
-                response = await self._exchange(message)
-        except TimeoutError:
-            return Answer(None, f"no answer within {self._timeout:g} s")
-        except _StaleConnection:
-            return Answer(None, "the connection closed before an answer came")
-        except (OSError, MalformedAnswer) as error:
-            return Answer(None, f"{type(error).__name__}: {error}")
-        retry_after = parse_retry_after(response.headers.get("retry-after"), now=time.time())
-        return Answer(response.status, response.detail.decode("utf-8", "replace"), retry_after)
-
-    def _message(self, call: Call) -> bytes:
-        body = orjson.dumps(call.body)
-        head = (
-            f"POST {self._prefix}{call.endpoint} HTTP/1.1\r\n"
-            f"Host: {self._host_header}\r\n"
-            f"X-Outbound-Key: {self._key.reveal()}\r\n"
-            f"X-Outbound-GUID: {header_safe_guid(call.guid)}\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "User-Agent: outbound-collector\r\n\r\n"
-        )
-        return head.encode("latin-1") + body
-
-    async def _exchange(self, message: bytes) -> Response:
-        # A kept-alive connection may have been closed by the server while it waited: then
-        # the request goes again on a fresh one (Outbound drops a resend by its GUID).
-        while self._idle:
-            connection = self._idle.pop()
-            if connection.closed:
-                continue
-            try:
-                return self._recycle(connection, await connection.request(message))
-            except _StaleConnection:
-                continue
-            except BaseException:
-                connection.close()  # cancelled or timed out mid-answer: not reusable
-                raise
-        loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(
-            _Connection,
-            self._host,
-            self._port,
-            ssl=self._tls,
-            server_hostname=self._host if self._tls else None,
-        )
-        try:
-            return self._recycle(connection, await connection.request(message))
-        except BaseException:
-            connection.close()
-            raise
-
-    def _recycle(self, connection: _Connection, response: Response) -> Response:
-        if not connection.closed and len(self._idle) < self._max_idle:
-            self._idle.append(connection)
-        else:
-            connection.close()
-        return response
+            async with session.post(
+                self._url(call.endpoint),
+                data=orjson.dumps(call.body),
+                headers={"X-Outbound-GUID": header_safe_guid(call.guid)},
+                proxy_headers=self._proxy_headers,
+            ) as response:
+                detail = await _read_detail(response)
+                retry_after = parse_retry_after(
+                    response.headers.get("Retry-After"), now=time.time()
+                )
+                return Answer(response.status, detail.decode("utf-8", "replace"), retry_after)
+        except TimeoutError as error:  # aiohttp's own timeouts are TimeoutErrors too
+            return Answer(None, f"{type(error).__name__}: no answer within {self._timeout:g} s")
+        except (aiohttp.ClientError, OSError) as error:
+            # One line; and a parser error quotes what came back, which may echo the request.
+            message = " ".join(str(error).split()).replace(self._key.reveal(), "[key]")
+            return Answer(None, f"{type(error).__name__}: {message}")
 
     async def close(self) -> None:
-        for connection in self._idle:
-            connection.close()
-        self._idle.clear()
-        await asyncio.sleep(0)  # let the transports close
+        """Close the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+
+
+async def _read_detail(response: aiohttp.ClientResponse) -> bytes:
+    """The body's first DETAIL_BYTES, the rest read to its end up to MAX_BODY_BYTES.
+
+    Raises aiohttp.ClientPayloadError when the body stops short of its end.
+    """
+    detail = bytearray()
+    while len(detail) < DETAIL_BYTES:
+        chunk = await response.content.read(DETAIL_BYTES - len(detail))
+        if not chunk:
+            return bytes(detail)
+        detail += chunk
+    rest = 0
+    while rest <= MAX_BODY_BYTES:
+        chunk = await response.content.read(_READ_BYTES)
+        if not chunk:
+            return bytes(detail)
+        rest += len(chunk)
+    return bytes(detail)  # the rest left unread: aiohttp closes the connection on release
 
 
 def header_safe_guid(guid: str) -> str:
