@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class FakeOutbound:
     faults: deque[Fault] = field(default_factory=deque)
     always: Fault | None = None
     latency: float = 0.0  # seconds before every answer, faults or not
+    tls: ssl.SSLContext | None = None  # serve https with this context's certificate
     _server: TestServer | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -60,7 +62,7 @@ class FakeOutbound:
         app = web.Application()
         app.router.add_post("/v2/{endpoint:track|identify}", self._handle)
         self._server = TestServer(app, host="127.0.0.1", port=port)
-        await self._server.start_server()
+        await self._server.start_server(ssl=self.tls)
 
     @property
     def port(self) -> int:
