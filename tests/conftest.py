@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,19 @@ SEED_EVENT = {
     "properties": {"membership_valid": True, "membership_renewalDate": "2018-06-12"},
     "timestamp": 1529366403,
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def loopback_bypasses_proxies() -> Iterator[None]:
+    """Tests talk to loopback: a proxy the machine sets (HTTP_PROXY, HTTPS_PROXY) must not
+    carry those calls, since the relay's client honours it (test_proxy sets its own).
+    NO_PROXY rather than unsetting them: a pip install in a test may need the proxy."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("no_proxy", "NO_PROXY"):
+            hosts = [host for host in os.environ.get(name, "").split(",") if host.strip()]
+            if "*" not in hosts:
+                patch.setenv(name, ",".join([*hosts, "127.0.0.1", "localhost", "::1"]))
+        yield
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 10.0) -> None:
