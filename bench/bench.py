@@ -34,6 +34,9 @@ CONNECTIONS = 32
 # The last commit before aiohttp-cors and aiohttp's client replaced the hand-written CORS
 # headers and HTTP client: `--previous` measures against another one.
 PREVIOUS = "c957d07"
+# The last commit whose claim walked the events table (before the heads table): the skewed
+# drains run on it too, with `--skew-before`.
+SKEW_BEFORE = "4911d0d"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 EVENT = {
@@ -314,6 +317,8 @@ class Results:
     versions: list[Versus] = field(default_factory=list)
     previous: str = PREVIOUS
     script_gzip_bytes: int = 0
+    skew: list[dict[str, Any]] = field(default_factory=list)
+    skew_before: list[dict[str, Any]] = field(default_factory=list)
 
 
 def beacon(events: int) -> bytes:
@@ -614,8 +619,12 @@ def measure_stages(work: Path, schemas: Path, seconds: float, rounds: int) -> li
     return found
 
 
-def prefill(data_dir: Path, events: int, users: int) -> None:
-    """Queue `events` events directly, as if Outbound had been down while they came in."""
+def prefill(
+    data_dir: Path, events: int, users: int, *, prefix: str = "user", backoff: float = 0.0
+) -> None:
+    """Queue `events` events directly, as if Outbound had been down while they came in.
+    `backoff`: the first event of each user then waits that many seconds for its next try,
+    as after a failed attempt (later events of those users wait behind it)."""
     from collector.queue import SQLiteQueue
 
     async def fill() -> None:
@@ -629,8 +638,8 @@ def prefill(data_dir: Path, events: int, users: int) -> None:
                 [
                     {
                         **EVENT,
-                        "message_id": f"q{n}",
-                        "anonymous_id": f"user-{n % users}",
+                        "message_id": f"{prefix}-q{n}",
+                        "anonymous_id": f"{prefix}-{n % users}",
                         "user_id": None,
                         "received_at": now,
                         "traits": {},
@@ -641,6 +650,11 @@ def prefill(data_dir: Path, events: int, users: int) -> None:
                     for n in range(start_at, min(events, start_at + 5000))
                 ]
             )
+        if backoff:
+            for head in await queue.claim(users, now=now, lease=60):
+                await queue.retry(
+                    head.id, available_at=now + backoff, error="Outbound answered 503"
+                )
         await queue.close()
 
     asyncio.run(fill())
@@ -689,6 +703,124 @@ def drain(
         "ratio_to_limit": (calls / elapsed) / limit if limit else None,
         "cpu_us_per_event": cpu / events * 1e6,
     }
+
+
+# Ingest by other clients while a skewed queue drains: single-event beacons at this fixed,
+# modest rate, for this long, once the drain has begun; then the same on the drained queue.
+# They are identifies, which the fake Outbound does not count as tracks: the tracks it
+# counts are the skewed queue's.
+OTHER_CLIENTS = Scenario(
+    "identify beacon",
+    1,
+    json.dumps(
+        {
+            "batch": [
+                {
+                    "type": "identify",
+                    "anonymous_id": "ANONYMOUS_ID",
+                    "message_id": "MESSAGE_ID",
+                    "traits": {"plan": "gold"},
+                    "timestamp": 1764187200.1,
+                }
+            ],
+            "sent_at": 1764187200.5,
+        },
+        separators=(",", ":"),
+    ).encode(),
+)
+SKEW_INGEST_RATE = 200.0
+SKEW_INGEST_SECONDS = 5.0
+SKEW_CUTOFF = 60.0  # seconds: a drain still going then is measured over what it sent so far
+
+
+@dataclass(frozen=True)
+class Skew:
+    """A queue whose events belong to few lines, or wait behind one line in backoff."""
+
+    name: str
+    users: int  # whose events are drained
+    events: int
+    heavy_events: int = 0  # of one more user, whose first event is in backoff throughout
+
+
+SKEWS = (
+    Skew("few users: 5 users × 20,000 events", 5, 100_000),
+    Skew("1 heavy user in backoff (50,000 events) + 1,000 light users × 50", 1000, 50_000, 50_000),
+)
+
+
+def drain_skewed(
+    work: Path, schemas: Path, skew: Skew, *, cutoff: float = SKEW_CUTOFF, code: Path | None = None
+) -> dict[str, Any]:
+    """Relay a skewed prefilled queue to the fake Outbound (answering at once) while other
+    clients post at a modest fixed rate: the drain's pace (over `cutoff` seconds at most),
+    the CPU per event, and those clients' latency during the drain and once it is over."""
+    data_dir = Path(tempfile.mkdtemp(dir=work))
+    if skew.heavy_events:
+        prefill(data_dir, skew.heavy_events, 1, prefix="heavy", backoff=86_400)
+    prefill(data_dir, skew.events, skew.users, prefix="light")
+    outbound = start_outbound()
+    collector = start_collector(
+        data_dir,
+        schemas,
+        outbound.port,
+        ["--relay-concurrency", "16", "--relay-timeout", "10", "--lease-seconds", "60"],
+        code=code,
+    )
+    script = OTHER_CLIENTS.script(SKEW_INGEST_RATE)
+    cpu_before = collector.cpu_seconds()
+    started = time.monotonic()
+    try:
+        while outbound_call(outbound.port, "/count")["tracks"] == 0:
+            time.sleep(0.05)
+        during = run_wrk(collector.port, script, SKEW_INGEST_SECONDS, work)
+        while True:
+            count = outbound_call(outbound.port, "/count")
+            drained = count["tracks"]
+            if drained >= skew.events or time.monotonic() - started > cutoff:
+                break
+            time.sleep(0.2)
+        cpu = collector.cpu_seconds() - cpu_before
+        elapsed = count["last"] - count["first"]
+        after = run_wrk(collector.port, script, SKEW_INGEST_SECONDS, work)
+    finally:
+        collector.stop()
+        outbound.stop()
+    return {
+        "name": skew.name,
+        "drained": drained,
+        "of": skew.events,
+        "events_per_second": drained / elapsed,
+        "cpu_us_per_event": cpu / max(1, drained) * 1e6,
+        "during": during,
+        "after": after,
+    }
+
+
+def skew_table(found: list[dict[str, Any]], before: list[dict[str, Any]] | None) -> str:
+    """The skewed drains, and the same on the version before the heads table when measured."""
+    out = [
+        f"Skewed queues, Outbound answering at once, relay concurrency 16; meanwhile other "
+        f"clients post single-event identify beacons at {SKEW_INGEST_RATE:.0f} req/s (wrk, "
+        f"{SKEW_INGEST_SECONDS:.0f} s from the drain's first call), and again on the drained "
+        f"queue. A drain is cut off after {SKEW_CUTOFF:.0f} s.",
+        "",
+        "| queue | version | drained | events/s | CPU µs / event | ingest p50 / p99 during "
+        "(ms) | ingest p50 / p99 after (ms) | ingest answers not 2xx |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    versions = [("this", found)] + ([("before", before)] if before else [])
+    for index in range(len(found)):
+        for version, rows in versions:
+            r = rows[index]
+            during, after = r["during"], r["after"]
+            out.append(
+                f"| {r['name']} | {version} | {r['drained']:,} of {r['of']:,} | "
+                f"{r['events_per_second']:,.0f} | {r['cpu_us_per_event']:.0f} | "
+                f"{during.p50_ms:.2f} / {during.p99_ms:.2f} | "
+                f"{after.p50_ms:.2f} / {after.p99_ms:.2f} | {during.non_2xx + after.non_2xx} |"
+            )
+    return "\n".join(out)
 
 
 @dataclass
@@ -954,6 +1086,8 @@ def table(results: Results) -> str:
     out += [
         f"| {what} | {got} | {'yes' if met else '**no**'} |" for what, got, met in targets(results)
     ]
+    if results.skew:
+        out += ["", skew_table(results.skew, results.skew_before)]
     if results.versions:
         out += ["", versions_table(results.versions, results.previous)]
     if results.stages:
@@ -1085,6 +1219,15 @@ def main() -> None:
         metavar="COMMIT",
         help=f"the version this one is measured against (default {PREVIOUS})",
     )
+    parser.add_argument(
+        "--skew-before",
+        metavar="COMMIT",
+        help=f"also drain the skewed queues on this version (like {SKEW_BEFORE}, before the "
+        "heads table)",
+    )
+    parser.add_argument(
+        "--only-skew", action="store_true", help="only the skewed drains (no RESULTS.md)"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is missing (bench/run installs it)")
@@ -1095,6 +1238,16 @@ def main() -> None:
         schemas.mkdir()
         (schemas / "renewMembership.json").write_text(json.dumps(SCHEMA))
         results = Results(script_gzip_bytes=script_size(), previous=args.previous)
+        cutoff = 5.0 if args.smoke else SKEW_CUTOFF
+        results.skew = [drain_skewed(work, schemas, skew, cutoff=cutoff) for skew in SKEWS]
+        before = checkout(args.skew_before, work) if args.skew_before else None
+        if before is not None:
+            results.skew_before = [
+                drain_skewed(work, schemas, skew, cutoff=cutoff, code=before) for skew in SKEWS
+            ]
+        if args.only_skew:
+            print(skew_table(results.skew, results.skew_before))
+            return
         results.validation = measure_validation(1 if args.smoke else 3)
         results.rows = measure_ingest(work, schemas, seconds, rounds)
         previous = checkout(args.previous, work)
