@@ -7,7 +7,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,10 @@ class Queue(Protocol):
 
     `put` returns only after the records are durable, and stores a message id seen
     within the dedupe window only once. `claim` hands out, for each user, only the oldest
-    waiting event, so events of one user are delivered in order.
+    waiting event, so events of one user are delivered in order, and leases that user's
+    line until the event is acked, retried, released or dead-lettered (or the lease runs
+    out). Due lines go in the order they became due. Its cost depends on `limit`, not on
+    how many events wait, nor on how many lines are leased or in backoff.
     """
 
     async def put(self, records: Sequence[Record]) -> int:
@@ -102,6 +105,15 @@ CREATE TABLE IF NOT EXISTS received (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS received_by_time ON received (received_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+-- The head of each user's line (its oldest event), and when it may be claimed: the later
+-- of its event's available_at (backoff) and lease_until. Kept in the same transactions as
+-- the events, so that "the due heads" is one range of heads_by_due, whatever the backlog.
+CREATE TABLE IF NOT EXISTS heads (
+    user_key TEXT PRIMARY KEY,
+    event_id INTEGER NOT NULL,
+    due_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS heads_by_due ON heads (due_at, event_id);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     message_id TEXT NOT NULL,
@@ -116,14 +128,35 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 """
 
-# Only the head of each user's line may be claimed, and only when it is due and not leased.
-# Walking the table in id order and probing the (user_key, id) index for an earlier event
-# stops after `limit` heads, instead of grouping the whole table on every claim.
+# Schema versions (PRAGMA user_version): 0 had no heads table; 1 has it.
+SCHEMA_VERSION = 1
+# Every line whose head is due, in the order they became due: a range of heads_by_due, so
+# a claim reads `limit` heads and their events, never the events waiting behind them.
 _CLAIM = """
-SELECT id, body, attempts, received_at FROM events AS e
-WHERE available_at <= :now AND lease_until <= :now
-  AND NOT EXISTS (SELECT 1 FROM events AS p WHERE p.user_key = e.user_key AND p.id < e.id)
-ORDER BY id LIMIT :limit
+SELECT h.user_key, e.id, e.body, e.attempts, e.received_at
+FROM heads AS h JOIN events AS e ON e.id = h.event_id
+WHERE h.due_at <= :now ORDER BY h.due_at, h.event_id LIMIT :limit
+"""
+# The head of one user's line as the events table has it (none when the line is empty).
+_HEAD_OF = (
+    "INSERT INTO heads (user_key, event_id, due_at)"
+    " SELECT user_key, id, MAX(available_at, lease_until) FROM events"
+    " WHERE user_key = ? ORDER BY id LIMIT 1"
+)
+# Heads for lines that had none, from events stored after `id`: SQLite takes the bare
+# column `available_at` from the row with the MIN(id) (its documented min/max rule). NOT
+# INDEXED keeps it to the new rows (a rowid range): grouping along events_by_user instead
+# would read the whole backlog on every put.
+_NEW_HEADS = (
+    "INSERT OR IGNORE INTO heads (user_key, event_id, due_at)"
+    " SELECT user_key, MIN(id), available_at FROM events NOT INDEXED WHERE id > ?"
+    " GROUP BY user_key"
+)
+# Building the heads of a file made before there was a heads table.
+_ALL_HEADS = """
+INSERT INTO heads (user_key, event_id, due_at)
+SELECT e.user_key, e.id, MAX(e.available_at, e.lease_until) FROM events AS e
+WHERE e.id = (SELECT MIN(id) FROM events WHERE user_key = e.user_key)
 """
 
 
@@ -332,18 +365,44 @@ class SQLiteQueue:
         # Checkpoints bring the write-ahead log back to this size rather than leaving it at
         # its largest, which matters on a disk that runs full.
         connection.execute("PRAGMA journal_size_limit=16777216")
-        connection.executescript(_SCHEMA)
-        if self._owner:
-            # This process owns the file: leases held by a process that died are void. Those
-            # events may have reached Outbound already; they go again with the same GUID.
-            self.interrupted = connection.execute(
-                "UPDATE events SET lease_until = 0 WHERE lease_until > 0"
-            ).rowcount
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            self._migrate(connection)
+            if self._owner:
+                # This process owns the file: leases held by a process that died are void.
+                # Those events may have reached Outbound already; they go again with the
+                # same GUID. Only heads are ever leased.
+                self.interrupted = connection.execute(
+                    "UPDATE events SET lease_until = 0 WHERE lease_until > 0"
+                    " AND id IN (SELECT event_id FROM heads)"
+                ).rowcount
+                connection.execute(
+                    "UPDATE heads SET due_at ="
+                    " (SELECT available_at FROM events WHERE id = heads.event_id)"
+                )
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
         self.depth, self.bytes = connection.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM events"
         ).fetchone()
         self._counted_at = time.time()
         return connection
+
+    @staticmethod
+    def _migrate(connection: sqlite3.Connection) -> None:
+        """Bring a file of any earlier schema to this one, inside the caller's transaction."""
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                connection.execute(statement)
+        if version < 1:
+            connection.execute("DELETE FROM heads")
+            connection.execute(_ALL_HEADS)
+        if version < SCHEMA_VERSION:
+            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -507,7 +566,9 @@ class SQLiteQueue:
                     seen.add(row[1])
                     fresh.append(row)
         if fresh:
+            (last,) = connection.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
             connection.executemany(_INSERT_EVENT, fresh)
+            connection.execute(_NEW_HEADS, (last,))
             if dedupe:
                 connection.executemany(_REMEMBER, [(row[1], row[2]) for row in fresh])
             self._counted(len(fresh), sum(len(row[3]) for row in fresh))
@@ -522,11 +583,14 @@ class SQLiteQueue:
     async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]:
         def select_and_lease(connection: sqlite3.Connection) -> list[Claimed]:
             rows = connection.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
+            until = now + lease
             connection.executemany(
-                "UPDATE events SET lease_until = ? WHERE id = ?",
-                [(now + lease, r[0]) for r in rows],
+                "UPDATE events SET lease_until = ? WHERE id = ?", [(until, r[1]) for r in rows]
             )
-            return [Claimed(r[0], orjson.loads(r[1]), r[2], r[3]) for r in rows]
+            connection.executemany(
+                "UPDATE heads SET due_at = ? WHERE user_key = ?", [(until, r[0]) for r in rows]
+            )
+            return [Claimed(r[1], orjson.loads(r[2]), r[3], r[4]) for r in rows]
 
         claimed: list[Claimed] = await self._submit(select_and_lease)
         return claimed
@@ -537,13 +601,31 @@ class SQLiteQueue:
         self.bytes += size
 
     def _delete(self, connection: sqlite3.Connection, event_ids: Sequence[int]) -> None:
+        users: set[str] = set()
         for start in range(0, len(event_ids), _ID_CHUNK):
             chunk = event_ids[start : start + _ID_CHUNK]
             marks = ",".join("?" * len(chunk))
-            sizes = connection.execute(
-                f"DELETE FROM events WHERE id IN ({marks}) RETURNING LENGTH(body)", chunk
+            deleted = connection.execute(
+                f"DELETE FROM events WHERE id IN ({marks}) RETURNING user_key, LENGTH(body)",
+                chunk,
             ).fetchall()
-            self._counted(-len(sizes), -sum(size for (size,) in sizes))
+            self._counted(-len(deleted), -sum(size for _, size in deleted))
+            users.update(user for user, _ in deleted)
+        self._refresh_heads(connection, users)
+
+    @staticmethod
+    def _refresh_heads(connection: sqlite3.Connection, users: Iterable[str]) -> None:
+        """Make these users' heads what their events say (each a probe of events_by_user)."""
+        keys = [(user,) for user in users]
+        connection.executemany("DELETE FROM heads WHERE user_key = ?", keys)
+        connection.executemany(_HEAD_OF, keys)
+
+    @classmethod
+    def _update_head_event(
+        cls, connection: sqlite3.Connection, sql: str, params: Sequence[Any]
+    ) -> None:
+        """Run an UPDATE of one event that ends `RETURNING user_key`, and refresh that head."""
+        cls._refresh_heads(connection, [user for (user,) in connection.execute(sql, params)])
 
     async def ack(self, event_id: int) -> None:
         # Acks of one commit go together into one statement, as puts do.
@@ -551,16 +633,19 @@ class SQLiteQueue:
 
     async def retry(self, event_id: int, *, available_at: float, error: str) -> None:
         await self._submit(
-            lambda c: c.execute(
+            lambda c: self._update_head_event(
+                c,
                 "UPDATE events SET attempts = attempts + 1, available_at = ?, lease_until = 0,"
-                " last_error = ? WHERE id = ?",
+                " last_error = ? WHERE id = ? RETURNING user_key",
                 (available_at, error, event_id),
             )
         )
 
     async def release(self, event_id: int) -> None:
         await self._submit(
-            lambda c: c.execute("UPDATE events SET lease_until = 0 WHERE id = ?", (event_id,))
+            lambda c: self._update_head_event(
+                c, "UPDATE events SET lease_until = 0 WHERE id = ? RETURNING user_key", (event_id,)
+            )
         )
 
     async def dead_letter(
@@ -604,11 +689,21 @@ class SQLiteQueue:
         return {key: orjson.loads(value) for key, value in rows}
 
     async def reset_backoff(self, now: float) -> None:
-        await self._submit(
-            lambda c: c.execute(
-                "UPDATE events SET available_at = received_at WHERE available_at > ?", (now,)
+        def reset(connection: sqlite3.Connection) -> None:
+            # Only heads are ever retried, so only heads are in backoff: this reads the lines
+            # not yet due, not the backlog.
+            connection.execute(
+                "UPDATE events SET available_at = received_at WHERE available_at > :now"
+                " AND id IN (SELECT event_id FROM heads WHERE due_at > :now)",
+                {"now": now},
             )
-        )
+            connection.execute(
+                "UPDATE heads SET due_at = (SELECT MAX(available_at, lease_until) FROM events"
+                " WHERE id = heads.event_id) WHERE due_at > ?",
+                (now,),
+            )
+
+        await self._submit(reset)
 
     async def stats(self) -> QueueStats:
         def read(connection: sqlite3.Connection) -> QueueStats:
@@ -675,12 +770,14 @@ class SQLiteQueue:
                 )
             ]
             marks = ",".join("?" * len(ids))
+            (last,) = connection.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
             sizes = connection.execute(
                 "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
                 " SELECT user_key, message_id, received_at, 0, body FROM dead_letters"
                 f" WHERE id IN ({marks}) ORDER BY id RETURNING LENGTH(body)",
                 ids,
             ).fetchall()
+            connection.execute(_NEW_HEADS, (last,))
             connection.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", ids)
             self._counted(len(sizes), sum(size for (size,) in sizes))
             return len(ids)

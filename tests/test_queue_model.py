@@ -20,7 +20,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from collector.queue import Claimed, SQLiteQueue
+from collector.queue import Claimed, DeadLetterFilter, SQLiteQueue
 
 LEASE = 30.0
 
@@ -43,14 +43,16 @@ class Model:
     now: float = 1_000_000.0
 
     def claimable(self, limit: int) -> list[str]:
+        """The heads of the users' lines that are due, in the order they became due (the
+        later of backoff and lease), then in arrival order."""
         heads: dict[str, ModelEvent] = {}
         for event in self.events:
             heads.setdefault(event.user, event)
-        due = [
-            e
-            for e in self.events
-            if heads[e.user] is e and e.available_at <= self.now and e.lease_until <= self.now
-        ]
+        order = {e.message_id: position for position, e in enumerate(self.events)}
+        due = sorted(
+            (e for e in heads.values() if max(e.available_at, e.lease_until) <= self.now),
+            key=lambda e: (max(e.available_at, e.lease_until), order[e.message_id]),
+        )
         return [e.message_id for e in due[:limit]]
 
     def find(self, message_id: str) -> ModelEvent:
@@ -132,6 +134,22 @@ class QueueMachine(RuleBasedStateMachine):
         del self.held[message_id]
 
     @rule(message_id=consumes(claimed))
+    def release(self, message_id: str) -> None:
+        item = self._valid(message_id)
+        if item is None:
+            return
+        self.run(self.queue.release(item.id))
+        self.model.find(message_id).lease_until = 0.0
+        del self.held[message_id]
+
+    @rule()
+    def reset_backoff(self) -> None:
+        self.run(self.queue.reset_backoff(self.model.now))
+        for event in self.model.events:
+            if event.available_at > self.model.now:
+                event.available_at = 0.0  # received_at: every waiting event is due now
+
+    @rule(message_id=consumes(claimed))
     def dead_letter(self, message_id: str) -> None:
         item = self._valid(message_id)
         if item is None:
@@ -148,6 +166,20 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([1.0, 29.0, 31.0, 120.0]))
     def time_passes(self, seconds: float) -> None:
         self.model.now += seconds  # leases expire, backoffs run out
+
+    @rule()
+    def replay_dead_letters(self) -> None:
+        """What `dead-letters replay` does from another process: back at the end of the line."""
+        tool = SQLiteQueue(self.path, dedupe_window=0, owner=False)
+        self.run(tool.open())
+        try:
+            self.run(tool.replay_dead_letters(DeadLetterFilter()))
+        finally:
+            self.run(tool.close())
+        for message_id in self.model.dead:
+            self.model.events.append(ModelEvent(message_id, message_id.split("-")[0]))
+        self.model.dead.clear()
+        self.run(self.queue.stats())  # the serving queue recounts
 
     @rule()
     def reopen_after_crash(self) -> None:
