@@ -28,6 +28,7 @@ class Claimed:
     record: Record
     attempts: int
     received_at: float
+    identified: bool = False  # Outbound has had an identify for this user (kept across restarts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,9 @@ class Queue(Protocol):
 
     async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]: ...
 
-    async def ack(self, event_id: int) -> None: ...
+    async def ack(self, event_id: int, *, identified: bool = False) -> None:
+        """Remove a delivered event; `identified`: its user's identify went through, which
+        later claims of that user's events say (also after a restart)."""
 
     async def retry(self, event_id: int, *, available_at: float, error: str) -> None: ...
 
@@ -114,6 +117,8 @@ CREATE TABLE IF NOT EXISTS heads (
     due_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS heads_by_due ON heads (due_at, event_id);
+-- Users Outbound has had an identify for, so that a restart does not identify them again.
+CREATE TABLE IF NOT EXISTS identified (user_key TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     message_id TEXT NOT NULL,
@@ -133,7 +138,8 @@ SCHEMA_VERSION = 1
 # Every line whose head is due, in the order they became due: a range of heads_by_due, so
 # a claim reads `limit` heads and their events, never the events waiting behind them.
 _CLAIM = """
-SELECT h.user_key, e.id, e.body, e.attempts, e.received_at
+SELECT h.user_key, e.id, e.body, e.attempts, e.received_at,
+    EXISTS (SELECT 1 FROM identified AS i WHERE i.user_key = h.user_key)
 FROM heads AS h JOIN events AS e ON e.id = h.event_id
 WHERE h.due_at <= :now ORDER BY h.due_at, h.event_id LIMIT :limit
 """
@@ -177,6 +183,7 @@ def user_key(record: Record) -> str:
 
 Operation = Callable[[sqlite3.Connection], Any]
 PendingPut = tuple[list[Row], int, "asyncio.Future[int]"]
+Acked = tuple[int, bool]  # an event id, and whether its user's identify went through
 Progress = Callable[[int], None]
 _LETTER_KEYS = ("id", "message_id", "reason", "status", "response", "attempts", "failed_at")
 
@@ -319,7 +326,7 @@ class SQLiteQueue:
         # What waits for the next group commit, each with its future last.
         self._pending: list[tuple[Operation, bool, asyncio.Future[Any]]] = []
         self._puts: list[PendingPut] = []
-        self._acks: list[tuple[int, asyncio.Future[None]]] = []
+        self._acks: list[tuple[int, bool, asyncio.Future[None]]] = []
         self._work = asyncio.Event()
         self._lock_free = asyncio.Event()  # set by the checkpointer when a restart is over
         self._executor: ThreadPoolExecutor | None = None
@@ -448,8 +455,8 @@ class SQLiteQueue:
             if not batch and not puts and not acks:
                 continue
             operations = [operation for operation, _, _ in batch]
-            acked = [event_id for event_id, _ in acks]
-            futures: list[asyncio.Future[Any]] = [future for _, future in acks]
+            acked = [(event_id, identified) for event_id, identified, _ in acks]
+            futures: list[asyncio.Future[Any]] = [future for _, _, future in acks]
             futures += [future for _, _, future in batch] + [future for _, _, future in puts]
             try:
                 if self._executor is None:
@@ -475,7 +482,7 @@ class SQLiteQueue:
                     future.set_result(result)
 
     async def _on_the_loop(
-        self, acked: list[int], operations: list[Operation], puts: list[PendingPut]
+        self, acked: list[Acked], operations: list[Operation], puts: list[PendingPut]
     ) -> tuple[list[Any], list[int]]:
         """The transaction, on the event loop. While another connection holds the write lock
         (the checkpointer restarting the log, a dead-letters command) it waits here rather
@@ -495,7 +502,7 @@ class SQLiteQueue:
                     await self._lock_free.wait()
 
     def _transaction(
-        self, acked: list[int], operations: list[Operation], puts: list[PendingPut]
+        self, acked: list[Acked], operations: list[Operation], puts: list[PendingPut]
     ) -> tuple[list[Any], list[int]]:
         connection = self._connection
         assert connection is not None
@@ -503,7 +510,8 @@ class SQLiteQueue:
         connection.execute("BEGIN IMMEDIATE")
         try:
             # Acks first: a claim in the same commit must see those users' next events.
-            self._delete(connection, acked)
+            self._remember_identified(connection, [i for i, identified in acked if identified])
+            self._delete(connection, [event_id for event_id, _ in acked])
             results = [operation(connection) for operation in operations]
             stored = self._store(connection, puts) if puts else []
             connection.execute("COMMIT")
@@ -590,7 +598,7 @@ class SQLiteQueue:
             connection.executemany(
                 "UPDATE heads SET due_at = ? WHERE user_key = ?", [(until, r[0]) for r in rows]
             )
-            return [Claimed(r[1], orjson.loads(r[2]), r[3], r[4]) for r in rows]
+            return [Claimed(r[1], orjson.loads(r[2]), r[3], r[4], bool(r[5])) for r in rows]
 
         claimed: list[Claimed] = await self._submit(select_and_lease)
         return claimed
@@ -627,9 +635,19 @@ class SQLiteQueue:
         """Run an UPDATE of one event that ends `RETURNING user_key`, and refresh that head."""
         cls._refresh_heads(connection, [user for (user,) in connection.execute(sql, params)])
 
-    async def ack(self, event_id: int) -> None:
+    async def ack(self, event_id: int, *, identified: bool = False) -> None:
         # Acks of one commit go together into one statement, as puts do.
-        await self._next_commit(self._acks, event_id)
+        await self._next_commit(self._acks, event_id, identified)
+
+    @staticmethod
+    def _remember_identified(connection: sqlite3.Connection, event_ids: list[int]) -> None:
+        for start in range(0, len(event_ids), _ID_CHUNK):
+            chunk = event_ids[start : start + _ID_CHUNK]
+            connection.execute(
+                "INSERT OR IGNORE INTO identified (user_key) SELECT user_key FROM events"
+                f" WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
 
     async def retry(self, event_id: int, *, available_at: float, error: str) -> None:
         await self._submit(

@@ -213,12 +213,13 @@ class Relay:
         who = subject(record)
         calls = calls_for(
             record,
-            identified=who in self._identified,
+            identified=item.identified or who in self._identified,
             page_event_name=settings.page_event_name,
             context_property=settings.context_property,
             forward_ip=settings.forward_ip != "off",
         )
         answer = Answer(None, "no call made")
+        identified = False  # in this delivery, so that the ack remembers it for good
         try:
             for call in calls:
                 started = time.perf_counter()
@@ -228,6 +229,7 @@ class Relay:
                     break
                 if call.endpoint == "/v2/identify":
                     self._remember(who)
+                    identified = True
         finally:
             # The calls are done: the next event may start while this outcome is recorded
             # (in the same commit as the claim that fetches it, as like as not).
@@ -247,7 +249,7 @@ class Relay:
             decision, now, min(answer.retry_after or 0.0, MAX_RETRY_AFTER)
         )
         try:
-            await self._record_outcome(item, decision, answer, now)
+            await self._record_outcome(item, decision, answer, now, identified=identified)
             if change is not None:
                 # Backoffs set before would hold the backlog back: when the circuit opens,
                 # the probes pace the attempts; when it closes, everything waiting is due.
@@ -282,11 +284,11 @@ class Relay:
             )
 
     async def _record_outcome(
-        self, item: Claimed, decision: Decision, answer: Answer, now: float
+        self, item: Claimed, decision: Decision, answer: Answer, now: float, *, identified: bool
     ) -> None:
         message_id = item.record["message_id"]
         if decision.action == "ack":
-            await self._queue.ack(item.id)
+            await self._queue.ack(item.id, identified=identified and not item.identified)
         elif decision.action == "retry":
             self._metrics.retries.inc()
             # While the circuit is open the probes pace the attempts, not each event's backoff.

@@ -368,3 +368,27 @@ async def test_stats_reads_the_data_directory(
         "Outbound answered 400": 1,
         "Outbound answered 422": 1,
     }
+
+
+async def test_users_identified_before_a_restart_are_not_identified_again(
+    start_collector: StartCollector, fake: FakeOutbound
+) -> None:
+    async def deliver(collector: Collector, event: str) -> None:
+        batch = [{"event": event, "user_id": user} for user in USERS]
+        status, _, _ = await collector.post("/e", {"batch": batch})
+        assert status == 202
+
+        async def drained() -> bool:  # the acks, which remember the identifies, committed
+            return (await collector.queue.stats()).depth == 0
+
+        await eventually(drained)
+
+    first = await start_collector()
+    await deliver(first, "before")
+    await first.stop()
+    second = await start_collector()  # the same data directory
+    await deliver(second, "after")
+    assert sorted(r.body["user_id"] for r in fake.received if r.endpoint == "identify") == sorted(
+        USERS
+    )
+    assert [r.body["event"] for r in fake.tracks()] == ["before"] * 3 + ["after"] * 3

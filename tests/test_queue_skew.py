@@ -215,3 +215,23 @@ async def test_a_queue_file_of_the_old_schema_opens_with_its_lines_intact(
     await queue.ack(a.id)
     assert ids(await queue.claim(10, now=NOW + 100, lease=60)) == ["a-2"]
     assert (await queue.stats()).depth == 5 - 1
+
+
+async def test_a_claim_says_whether_its_user_was_identified_also_after_reopening(
+    tmp_path: Path, opened: list[SQLiteQueue]
+) -> None:
+    queue = await filled(tmp_path, opened, {"a": 2, "b": 2})
+    a, b = await queue.claim(5, now=NOW, lease=60)
+    assert (a.identified, b.identified) == (False, False)
+    await queue.ack(a.id, identified=True)
+    await queue.ack(b.id)
+    await queue.close()
+    opened.remove(queue)
+    again = SQLiteQueue(queue.path, dedupe_window=0)
+    await again.open()
+    opened.append(again)
+    claimed = await again.claim(5, now=NOW, lease=60)
+    assert [(c.record["message_id"], c.identified) for c in claimed] == [
+        ("a-1", True),
+        ("b-1", False),
+    ]
