@@ -9,7 +9,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .config import Settings
@@ -23,6 +23,10 @@ log = logging.getLogger("collector.relay")
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 AUTH_STATUSES = frozenset({401, 403})
+# "No such endpoint": for one event, Outbound refusing it; for every event, a wrong outbound_url.
+ENDPOINT_STATUSES = frozenset({404, 405})
+# Different events answered 404/405 one after another, with no 2xx since: the relay pauses.
+ENDPOINT_RUN = 3
 # A Retry-After longer than this is treated as this: a bad header must not park events for days.
 MAX_RETRY_AFTER = 3600.0
 IDLE_POLL = 1.0
@@ -64,9 +68,56 @@ def decide(
         return Decision("dead", reason=described)
     if age >= window:
         return Decision("dead", reason=f"still failing after {age:.0f} s: {described}")
-    backoff = jitter * min(cap, base * 2.0**attempts)
     floor = min(answer.retry_after or 0.0, MAX_RETRY_AFTER)
-    return Decision("retry", delay=max(backoff, floor), reason=described)
+    return Decision(
+        "retry", delay=max(backoff(attempts, base, cap, jitter), floor), reason=described
+    )
+
+
+def backoff(attempts: int, base: float, cap: float, jitter: float) -> float:
+    """Capped exponential backoff with full jitter; `attempts` counts earlier failures."""
+    return jitter * min(cap, base * 2.0**attempts)
+
+
+@dataclass
+class EndpointWatch:
+    """Tells a 404/405 that Outbound gives one event from the same answer to every event,
+    which means that `outbound_url` is wrong (and dead-letters the whole queue if believed).
+
+    A 404/405 right after a 2xx is that event's own: it stands. Otherwise the event is held
+    for another try, and `run` different events in a row, with no 2xx between, pause the
+    relay like a rejected key, until a probe goes through.
+    """
+
+    run: int = ENDPOINT_RUN
+    answered_ok: bool = False  # the latest answer with a status was a 2xx
+    missing: set[str] = field(default_factory=set)  # events in the current run
+
+    def judge(
+        self, decision: Decision, answer: Answer, message_id: str, *, held: Decision
+    ) -> Decision:
+        """The decision to act on: `decision` as the policy made it, `held` to try again."""
+        if answer.ok:
+            self.answered_ok = True
+            self.missing.clear()
+            return decision
+        if answer.status is None:
+            return decision  # no answer says nothing about the endpoint
+        if answer.status not in ENDPOINT_STATUSES:
+            self.answered_ok = False
+            self.missing.clear()
+            return decision
+        stands, self.answered_ok = self.answered_ok, False
+        if stands:
+            return decision
+        self.missing.add(message_id)
+        if len(self.missing) < self.run:
+            return held
+        return Decision(
+            "pause",
+            reason=f"Outbound answered {answer.status} to {len(self.missing)} different events "
+            "in a row: check outbound_url",
+        )
 
 
 @dataclass
@@ -149,6 +200,7 @@ class Relay:
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
         self.breaker = Breaker(settings.breaker_threshold, settings.probe_interval)
+        self.endpoints = EndpointWatch()
 
     @property
     def healthy(self) -> bool:
@@ -236,6 +288,7 @@ class Relay:
             self._calling -= 1
             self._wake.set()
         now = self._clock()
+        jitter = self._jitter()
         decision = decide(
             answer,
             attempts=item.attempts,
@@ -243,11 +296,16 @@ class Relay:
             base=settings.retry_base,
             cap=settings.retry_cap,
             window=settings.retry_window,
-            jitter=self._jitter(),
+            jitter=jitter,
         )
-        change = self._update_breaker(
-            decision, now, min(answer.retry_after or 0.0, MAX_RETRY_AFTER)
+        held = Decision(
+            "retry",
+            delay=backoff(item.attempts, settings.retry_base, settings.retry_cap, jitter),
+            reason=f"Outbound answered {answer.status}; held until other events show whether "
+            "the endpoint is there",
         )
+        decision = self.endpoints.judge(decision, answer, record["message_id"], held=held)
+        change = self._update_breaker(decision, now, answer)
         try:
             await self._record_outcome(item, decision, answer, now, identified=identified)
             if change is not None:
@@ -314,13 +372,16 @@ class Relay:
         else:
             await self._queue.release(item.id)  # a rejected key is no fault of the event
 
-    def _update_breaker(self, decision: Decision, now: float, wait: float) -> str | None:
+    def _update_breaker(self, decision: Decision, now: float, answer: Answer) -> str | None:
         """Feed the outcome to the breaker; says "opened" or "closed" when that changed."""
-        change = self._breaker_change(decision, now, wait)
+        wait = min(answer.retry_after or 0.0, MAX_RETRY_AFTER)
+        change = self._breaker_change(decision, now, wait, answer.status)
         self._metrics.breaker_open.set(1 if self.breaker.is_open else 0)
         return change
 
-    def _breaker_change(self, decision: Decision, now: float, wait: float) -> str | None:
+    def _breaker_change(
+        self, decision: Decision, now: float, wait: float, status: int | None
+    ) -> str | None:
         breaker, interval = self.breaker, self._settings.probe_interval
         if decision.action in {"ack", "dead"}:  # Outbound answered: it is up
             if breaker.succeeded():
@@ -328,10 +389,15 @@ class Relay:
                 return "closed"
         elif decision.action == "pause":
             if breaker.trip(decision.reason, now=now):
+                fix = (
+                    "set outbound_url (COLLECTOR_OUTBOUND_URL) to Outbound's API"
+                    if status in ENDPOINT_STATUSES
+                    else "set a valid OUTBOUND_API_KEY"
+                )
                 log.error(
-                    "%s: relay PAUSED, every event stays queued; set a valid OUTBOUND_API_KEY. "
-                    "Probing every %g s.",
+                    "%s: relay PAUSED, every event stays queued; %s. Probing every %g s.",
                     decision.reason,
+                    fix,
                     interval,
                 )
                 return "opened"

@@ -392,3 +392,47 @@ async def test_users_identified_before_a_restart_are_not_identified_again(
         USERS
     )
     assert [r.body["event"] for r in fake.tracks()] == ["before"] * 3 + ["after"] * 3
+
+
+async def test_404_on_every_call_pauses_the_relay_and_readyz_says_why(
+    collector: Collector, fake: FakeOutbound
+) -> None:
+    """A wrong outbound_url must not dead-letter the whole queue."""
+    fake.always = Fault(404)
+    batch = [{"event": "e", "user_id": f"user{i}"} for i in range(10)]
+    status, _, _ = await collector.post("/e", {"batch": batch})
+    assert status == 202
+    await eventually(lambda: collector.relay.breaker.is_open)
+    status, ready, _ = await collector.get("/readyz")
+    assert status == 503
+    [problem] = ready["problems"]
+    assert "404" in problem
+    assert "outbound_url" in problem
+    stats = await collector.queue.stats()
+    assert (stats.depth, stats.dead_letters) == (10, 0)
+
+    fake.always = None  # the URL put right: a probe goes through, the relay resumes
+    await fake.wait_for(20)  # an identify and a track for each user
+
+    async def drained() -> bool:
+        stats = await collector.queue.stats()
+        return (stats.depth, stats.dead_letters) == (0, 0)
+
+    await eventually(drained)
+
+
+async def test_a_404_for_one_event_among_delivered_ones_dead_letters_it(
+    collector: Collector, fake: FakeOutbound
+) -> None:
+    status, _, _ = await collector.post("/e", {"event": "first", "user_id": "ana"})
+    assert status == 202
+    await fake.wait_for(2)
+    fake.fail_next(Fault(404))  # ben's identify
+    status, _, _ = await collector.post("/e", {"event": "second", "user_id": "ben"})
+    assert status == 202
+
+    async def dead_lettered() -> bool:
+        return (await collector.queue.stats()).dead_letters == 1
+
+    await eventually(dead_lettered)
+    assert not collector.relay.breaker.is_open

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collector.outbound import Answer
-from collector.relay import MAX_RETRY_AFTER, Breaker, Decision, decide
+from collector.relay import MAX_RETRY_AFTER, Breaker, Decision, EndpointWatch, decide
 
 POLICY = {"base": 1.0, "cap": 300.0, "window": 3600.0}
 
@@ -128,3 +128,45 @@ def test_breaker_probes_no_sooner_than_retry_after() -> None:
     assert not breaker.failed("429", now=5.1, wait=3.0)
     assert breaker.capacity(1, in_flight=0, now=8.0) == 0
     assert breaker.capacity(1, in_flight=0, now=8.1) == 1
+
+
+HELD = Decision("retry", 1.0, "held")
+DEAD_404 = Decision("dead", reason="Outbound answered 404")
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        # A wrong outbound_url: every event gets 404; held, then the third in a row pauses.
+        (
+            [(404, "a"), (404, "b"), (404, "c")],
+            ["retry", "retry", "pause"],
+        ),
+        # The same event refused again is not a run across events.
+        ([(404, "a"), (404, "a"), (404, "a"), (404, "b")], ["retry"] * 4),
+        # Right after a 2xx a 404 is that event's own: it is dead-lettered.
+        ([(200, "a"), (404, "b")], ["ack", "dead"]),
+        # ... but only the first: a second one in a row starts a run.
+        (
+            [(200, "a"), (404, "b"), (404, "c"), (405, "d"), (404, "e")],
+            ["ack", "dead", "retry", "retry", "pause"],
+        ),
+        # A 2xx between ends the run.
+        ([(404, "a"), (404, "b"), (200, "c"), (404, "d")], ["retry", "retry", "ack", "dead"]),
+        # No answer at all says nothing about the endpoint; another status ends the run.
+        (
+            [(404, "a"), (None, "b"), (404, "c"), (503, "d"), (404, "e")],
+            ["retry", "retry", "retry", "retry", "retry"],
+        ),
+    ],
+)
+def test_a_run_of_404_across_events_pauses_and_a_404_after_a_success_stands(
+    answers: list[tuple[int | None, str]], expected: list[str]
+) -> None:
+    watch = EndpointWatch()
+    got = []
+    for status, message_id in answers:
+        answer = Answer(status) if status is not None else Answer(None, "reset")
+        decision = decide(answer, attempts=0, age=0, jitter=0.5, **POLICY)
+        got.append(watch.judge(decision, answer, message_id, held=HELD).action)
+    assert got == expected
