@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import cors, debug, ingest
+from . import __version__, cors, debug, ingest
 from .config import Settings
 from .identity import bearer_token, token_matches
 from .keys import (
@@ -152,6 +152,15 @@ async def close_viewers(app: web.Application) -> None:
     app[DEBUG_HUB].close()
 
 
+async def get_root(request: web.Request) -> web.Response:
+    """`GET /`: the demo where it is on (a development set-up), else what this service is."""
+    if debug.demo_enabled(request.app[SETTINGS]):
+        raise web.HTTPFound("demo")  # relative: behind a path prefix it stays under it
+    return ingest.json_response(
+        {"service": "outbound-collector", "version": __version__, "health": "healthz"}
+    )
+
+
 async def get_healthz(request: web.Request) -> web.Response:
     return ingest.json_response({"status": "alive"})
 
@@ -204,6 +213,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(relay_context)
 
     app.router.add_get(settings.script_path, get_script)
+    app.router.add_get("/", get_root)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/readyz", get_readyz)
     app.router.add_get("/metrics", get_metrics)
