@@ -375,6 +375,18 @@ class Settings:
     rate_burst_per_user: int = setting(
         100, _integer(1), "Events one user may send at once before the rate applies."
     )
+    rate_bytes_per_event: int = setting(
+        4096,
+        _integer(64),
+        "Bytes of request body that cost one event in the per-IP bucket when a request's "
+        "body is larger than its events (charged before validation, refused bodies too).",
+    )
+    ipv6_bucket_prefix: int = setting(
+        64,
+        _integer(1, 128),
+        "IPv6 clients share a per-IP rate bucket per network of this prefix length "
+        "(64: one subscriber's /64; 128: each address).",
+    )
     bot_user_agents: re.Pattern[str] | None = setting(
         re.compile(
             r"bot\b|crawl|spider|slurp|headlesschrome|phantomjs|lighthouse|facebookexternalhit",

@@ -21,7 +21,7 @@ from .config import Settings
 from .enrich import Record, Sender, client_ip, enrich, from_outbound_identify, from_outbound_track
 from .identity import bearer_token, is_bot, token_matches, truncated_ip, verify_user
 from .keys import DEBUG_HUB, IP_LIMITER, METRICS, QUEUE, RELAY, SETTINGS, USER_LIMITER, VALIDATOR
-from .limits import retry_after
+from .limits import RateLimiter, ip_bucket, request_cost, retry_after
 from .queue import QueueFull, QueueUnavailable
 from .schema import Kind, Problem
 
@@ -36,11 +36,19 @@ BROKEN_STREAM = (RequestPayloadError, ContentEncodingError, zlib.error)
 class RequestError(Exception):
     """The request as a whole cannot be used; `status` and a sentence for the client."""
 
-    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        close: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
+        self.headers = headers
 
 
 def json_response(
@@ -328,20 +336,19 @@ def seen_item(
     return item
 
 
-def rate_limit_wait(app: web.Application, records: list[Record], ip: str | None) -> float:
-    """Seconds this request must wait under the per-IP and per-user limits; 0: it may pass.
+def rate_limit_wait(app: web.Application, records: list[Record]) -> float:
+    """Seconds this request must wait under the per-user limits; 0: it may pass. (The IP
+    was charged for the whole request before validation, in `_answer`.)
 
     All or nothing: a request over any limit takes no tokens, so its retry is not charged twice.
     """
-    ip_limiter, user_limiter = app[IP_LIMITER], app[USER_LIMITER]
-    if not (ip_limiter.rate or user_limiter.rate):
+    user_limiter = app[USER_LIMITER]
+    if not user_limiter.rate:
         return 0.0
     now = time.monotonic()
-    per_ip = {ip or "unknown": float(len(records))}
     per_user = Counter(str(r.get("user_id") or r.get("anonymous_id")) for r in records)
-    wait = max(ip_limiter.wait(per_ip, now), user_limiter.wait(per_user, now))
+    wait = user_limiter.wait(per_user, now)
     if not wait:
-        ip_limiter.take(per_ip, now)
         user_limiter.take(per_user, now)
     return wait
 
@@ -366,6 +373,35 @@ def _reserved_problem(event: dict[str, Any], settings: Settings) -> list[Problem
     return []
 
 
+# An answer is bounded: a batch of events with hundreds of unknown keys (or keys of a
+# hundred kilobytes) must not make an answer of megabytes. Enough to fix the first problems.
+MAX_ERRORS_PER_EVENT = 10
+MAX_ERROR_TEXT = 200
+
+
+def bounded(rejection: dict[str, Any]) -> dict[str, Any]:
+    """A rejected event's entry for the answer: its first errors, each shortened, and how
+    many more there were (`more_errors`)."""
+    errors: list[dict[str, str]] = rejection["errors"]
+    shown = {
+        **rejection,
+        "errors": [
+            {key: shortened(text, MAX_ERROR_TEXT) for key, text in error.items()}
+            for error in errors[:MAX_ERRORS_PER_EVENT]
+        ],
+    }
+    if len(errors) > MAX_ERRORS_PER_EVENT:
+        shown["more_errors"] = len(errors) - MAX_ERRORS_PER_EVENT
+    return shown
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how long it was when it is cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
 async def store(app: web.Application, verdicts: Verdicts) -> web.Response:
     """Commit the valid records, then answer: 202 only once they are on disk."""
     duplicates = 0
@@ -388,7 +424,10 @@ async def store(app: web.Application, verdicts: Verdicts) -> web.Response:
             )
         app[RELAY].wake()
     status = 202 if verdicts.records else 400
-    answer: dict[str, Any] = {"accepted": len(verdicts.records), "rejected": verdicts.rejected}
+    answer: dict[str, Any] = {
+        "accepted": len(verdicts.records),
+        "rejected": [bounded(entry) for entry in verdicts.rejected],
+    }
     if verdicts.anonymized:
         answer["anonymized"] = verdicts.anonymized  # accepted without their user_id
     if duplicates:
@@ -417,34 +456,46 @@ async def _answer(
 ) -> web.Response:
     """Who sends, what they sent, what became of each event: the whole of one request."""
     settings, metrics, hub = app[SETTINGS], app[METRICS], app[DEBUG_HUB]
+    ip = client_ip(
+        request.remote, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
+    )
+    # Browsers pay for what they send before anything costly is done with it: an IP whose
+    # bucket is empty is refused before its body is read, and every event received and
+    # every byte read is charged before validation, so invalid input is not free.
+    bucket, limiter = ip_bucket(ip, settings.ipv6_bucket_prefix), app[IP_LIMITER]
+    per_event = settings.rate_bytes_per_event
+    server = False
+    size = 0
     try:
         server = is_server(request, settings)
-        document = decode(await read_body(request, settings))
+        if not server:
+            _pay(limiter, bucket, 1.0, take=False)  # an empty bucket: the body is not even read
+        body = await read_body(request, settings)
+        size = len(body)
+        document = decode(body)
         if kind == "event":
             events, sent_at = split_batch(document, settings.max_batch_events)
         else:
             events, sent_at = [document], None
+        if not server:
+            _pay(limiter, bucket, request_cost(len(events), size, per_event))
     except RequestError as error:
-        metrics.refused_requests.labels(str(error.status)).inc()
-        log.info("refused %d: %s", error.status, error.message)
-        response = error_response(error.status, error.message)
-        if error.close or not await _drained(request, settings.max_body_bytes):
-            response.force_close()
-        return response
+        if not server and error.status != 429:
+            # A refused body was read all the same (or is drained next): it is paid for.
+            spent = request_cost(0, max(size, _wire_bytes(request)), per_event)
+            limiter.take({bucket: spent}, time.monotonic())
+        return await _refuse(request, app, error)
     if not server and is_bot(request.headers.get("User-Agent"), settings.bot_user_agents):
         metrics.bot_drops.inc(len(events))
         for event in events if hub.watched else ():
             hub.publish(seen_item(event, "dropped", [], None, time.time()))
         return json_response({"accepted": 0, "rejected": [], "dropped": len(events)}, 202)
-    ip = client_ip(
-        request.remote, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
-    )
     sender = sender_of(request, settings, ip)
     verdicts = judge(
         app, events, kind, convert, sent_at, server=server, sender=sender, watched=hub.watched
     )
     if not server:
-        wait = rate_limit_wait(app, verdicts.records, ip)
+        wait = rate_limit_wait(app, verdicts.records)
         if wait:
             metrics.rate_limited.inc()
             return error_response(
@@ -458,6 +509,40 @@ async def _answer(
             metrics.rejected.labels(reason).inc(count)
         for item in verdicts.seen:
             hub.publish(item)
+    return response
+
+
+def _pay(limiter: RateLimiter, bucket: str, cost: float, *, take: bool = True) -> None:
+    """Charge `cost` to the sender's IP bucket (with `take=False`, only check that it could
+    pay); RequestError 429 with Retry-After when it cannot, and then nothing is taken."""
+    now = time.monotonic()
+    wait = limiter.charge(bucket, cost, now) if take else limiter.wait({bucket: cost}, now)
+    if wait:
+        raise RequestError(
+            429, "too many events; retry later", headers={"Retry-After": retry_after(wait)}
+        )
+
+
+def _wire_bytes(request: web.Request) -> int:
+    """Bytes of the body read off the connection so far, as sent (compressed or not)."""
+    content = request.content
+    # Not `total_raw_bytes`: the reader of an empty body lacks the attribute it reads.
+    compressed = getattr(content, "total_compressed_bytes", None)
+    return int(compressed) if compressed is not None else content.total_bytes
+
+
+async def _refuse(request: web.Request, app: web.Application, error: RequestError) -> web.Response:
+    """The answer to a request refused as a whole; the connection is kept when its body can
+    be read to the end, closed otherwise."""
+    settings, metrics = app[SETTINGS], app[METRICS]
+    if error.status == 429:
+        metrics.rate_limited.inc()
+    else:
+        metrics.refused_requests.labels(str(error.status)).inc()
+    log.info("refused %d: %s", error.status, error.message)
+    response = error_response(error.status, error.message, error.headers)
+    if error.close or not await _drained(request, settings.max_body_bytes):
+        response.force_close()
     return response
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -46,7 +47,16 @@ class RateLimiter:
             default=0.0,
         )
 
+    def charge(self, key: str, cost: float, now: float) -> float:
+        """Take `cost` from one bucket when it can pay now, and return 0; otherwise take
+        nothing and return the seconds to wait (so that the retry is not charged twice)."""
+        wait = self.wait({key: cost}, now)
+        if not wait:
+            self.take({key: cost}, now)
+        return wait
+
     def take(self, costs: Mapping[str, float], now: float) -> None:
+        """Take each key's cost from its bucket, which may go below zero."""
         if not self.rate:
             return
         for key, cost in costs.items():
@@ -54,6 +64,30 @@ class RateLimiter:
             self._buckets.move_to_end(key)
         while len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
+
+
+def request_cost(events: int, size: int, bytes_per_event: int) -> float:
+    """What a request costs the sender's IP bucket: one token per event received, or one per
+    `bytes_per_event` bytes of body when that is more; never nothing, even for a body that
+    held no event at all, so that bytes the server had to read are paid for."""
+    return max(1.0, float(events), size / bytes_per_event)
+
+
+def ip_bucket(address: str | None, ipv6_prefix: int) -> str:
+    """The bucket key of a client address: IPv4 whole, IPv6 by its first `ipv6_prefix` bits
+    (one subscriber commonly holds a whole /64), without a scope id (`fe80::1%eth0`)."""
+    if address is None:
+        return "unknown"
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv4Address):
+        return str(parsed)
+    if parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    network = ipaddress.IPv6Network((int(parsed), ipv6_prefix), strict=False)
+    return str(network) if ipv6_prefix < 128 else str(parsed)
 
 
 def retry_after(seconds: float) -> str:
