@@ -1,10 +1,9 @@
 /* Outbound collector: page views, marked clicks and forms, track/identify/page/reset.
    Hand-written ES5, no dependencies. Configured by its own tag's data-* attributes (README). */
 (function (w, d, nav) {
-  "use strict";
   var tag = d.currentScript;
   var queued = w.outbound;
-  if (!tag || (queued && queued.loaded)) return;
+  if (!tag || (queued && queued.track)) return; // no tag, or loaded already
 
   var PREFIX = "outbound:";
   var MARK = "data-outbound";
@@ -16,10 +15,12 @@
   // (split, not slice by length: the minifier would fold the placeholder's length.)
   var parts = link.pathname.split("{{SCRIPT_PATH}}");
   var prefix = parts.length === 2 && !parts[1] ? parts[0] : "";
-  var endpoint = setting("endpoint") || link.protocol + "//" + link.host + prefix + "{{EVENT_PATH}}";
+  var endpoint = setting("endpoint") || link.origin + prefix + "{{EVENT_PATH}}";
   var hashRouting = enabled("hash-routing");
-  var userId = setting("user-id");
-  var userHash = setting("user-hash");
+  // The logged-in user: the tag's, else the last identify's, kept until reset.
+  var user = setting("user-id") ? [setting("user-id"), setting("user-hash")] : load("user") || [];
+  var debug = enabled("debug");
+  var said = {}; // what the console was told, so that it is told once
   var anonymousId = load("aid") || uuid();
   var memory = []; // the outbox when localStorage is unavailable
   var flying = {}; // message ids being sent now
@@ -33,6 +34,13 @@
     return tag.getAttribute("data-" + name);
   }
 
+  // With data-debug, tell the console why something was not sent, once each; true, so that
+  // it can stand in a condition that refuses.
+  function say(message) {
+    if (debug && !said[message]) console.warn("outbound: " + message);
+    return said[message] = 1;
+  }
+
   function enabled(name) {
     var value = setting(name);
     return value !== null && value !== "false";
@@ -41,9 +49,7 @@
   function load(key) {
     try {
       return JSON.parse(w.localStorage.getItem(PREFIX + key));
-    } catch (e) {
-      return null;
-    }
+    } catch (e) {} // undefined: as good as nothing stored
   }
 
   function save(key, value) {
@@ -53,22 +59,21 @@
   }
 
   function uuid() {
-    var c = w.crypto;
-    if (c.randomUUID) return c.randomUUID();
-    var b = c.getRandomValues(new Uint8Array(16));
+    var b = w.crypto.getRandomValues(new Uint8Array(16));
     return [].map.call(b, function (x) { return (x + 256).toString(16).slice(1); }).join("");
   }
 
   // Message ids begin with the time (hex milliseconds), so that the collector's index of
   // recent ids grows at one end rather than everywhere, as with UUIDv7.
   function messageId() {
-    return (Date.now() + 0x1000000000000).toString(16).slice(1) + uuid().replace(/-/g, "").slice(12);
+    return (Date.now() + 0x1000000000000).toString(16).slice(1) + uuid().slice(12);
   }
 
   // The one place that decides not to send: opt-out, automation, privacy signals.
   function refused() {
     return load("opt_out") ||
-      (nav.webdriver && !enabled("allow-automation")) ||
+      (nav.webdriver && !enabled("allow-automation") &&
+        say("webdriver: add data-allow-automation")) ||
       (nav.globalPrivacyControl && setting("respect-gpc") !== "false") ||
       (nav.doNotTrack === "1" && enabled("respect-dnt"));
   }
@@ -95,8 +100,10 @@
       locale: nav.language,
       screen: screen.width + "x" + screen.height
     };
-    if (userId) fields.user_id = userId;
-    if (userId && userHash) fields.user_hash = userHash;
+    if (user[0]) {
+      fields.user_id = user[0];
+      if (user[1]) fields.user_hash = user[1];
+    }
     outbox(outbox().concat([fields]));
     flushTimer = flushTimer || setTimeout(flush, 1000);
   }
@@ -124,18 +131,23 @@
   }
 
   function send(batch, leaving) {
-    var ids = batch.map(function (event) {
-      flying[event.message_id] = tried[event.message_id] = 1;
-      return event.message_id;
+    var ids = {};
+    batch.forEach(function (event) {
+      flying[event.message_id] = tried[event.message_id] = ids[event.message_id] = 1;
     });
     var body = JSON.stringify({ batch: batch, sent_at: Date.now() / 1000 });
-    if (leaving && nav.sendBeacon && nav.sendBeacon(endpoint, body)) return sent(ids);
+    if (leaving && nav.sendBeacon(endpoint, body)) return sent(ids);
     fetch(endpoint, { method: "POST", body: body, keepalive: true }).then(function (response) {
-      if (response.status > 499 || response.status === 429) throw response;
+      var status = response.status;
+      if (status > 499 || status === 429 || status === 408) throw response;
+      // Any other answer is final: what was refused would be refused again.
       backoff = 0;
       sent(ids);
+      if (debug) response.json().then(function (answer) {
+        if (answer.accepted != batch.length) say(status + " " + JSON.stringify(answer));
+      });
     })["catch"](function () {
-      ids.forEach(function (id) { flying[id] = 0; });
+      for (var id in ids) flying[id] = 0;
       // Back in, if hiding took them out; a page going away aborts its own requests, but
       // keepalive still delivers them, so those must not be sent again from the next page.
       if (!hidden) outbox(batch.concat(unless(ids)));
@@ -152,11 +164,10 @@
     outbox(unless(ids));
   }
 
-  // The outbox without the given message ids (an array, or an object of flags).
+  // The outbox without the given message ids (an object of flags).
   function unless(ids) {
     return outbox().filter(function (event) {
-      var id = event.message_id;
-      return ids.indexOf ? ids.indexOf(id) < 0 : !ids[id];
+      return !ids[event.message_id];
     });
   }
 
@@ -164,7 +175,7 @@
     var url = replayedAt ? replayedAt[0] : location.href;
     if (!hashRouting) url = url.split("#")[0];
     if (url === lastUrl && !force) return;
-    if (lastUrl && url !== lastUrl) referrer = lastUrl;
+    if (url !== lastUrl) referrer = lastUrl || referrer;
     lastUrl = url;
     record("page", {});
   }
@@ -180,36 +191,34 @@
 
   // Generic captures describe the element, never what was typed into it.
   function describe(element) {
-    var result = {}, text = (element.innerText || "").replace(/\s+/g, " ").trim();
+    var result = {}, text = element.innerText.replace(/\s+/g, " ").trim();
+    var name = element.getAttribute("name");
     if (element.id) result.id = element.id;
-    if (element.getAttribute("name")) result.name = element.getAttribute("name");
+    if (name) result.name = name;
     if (text && element.tagName !== "FORM") result.text = text.slice(0, 60);
     return result;
   }
 
   function capture(element, generic) {
     var name = element.getAttribute(MARK);
-    if (name) record("track", { event: name, properties: properties(element) });
-    else if (generic) record("track", { event: generic, properties: describe(element) });
-    else return;
+    if (!name && !generic) return;
+    record("track", { event: name || generic, properties: (name ? properties : describe)(element) });
     flush(); // the page may be about to navigate away: send now, with keepalive
   }
 
   var api = {
-    loaded: true,
     track: function (event, props) {
       record("track", { event: event, properties: props || {} });
     },
     identify: function (id, traits, hash) {
-      userId = id;
-      userHash = hash;
+      save("user", user = [id, hash]);
       record("identify", { traits: traits || {} });
     },
     page: function () {
       page(true);
     },
     reset: function () {
-      userId = userHash = null;
+      save("user", user = []);
       save("aid", anonymousId = uuid());
     }
   };
@@ -218,6 +227,7 @@
   function outboundCall(method) {
     var args = [].slice.call(arguments, 1);
     if (api[method]) api[method].apply(null, args);
+    else say("unknown command: " + method);
   }
   for (var method in api) outboundCall[method] = api[method];
   w.outbound = outboundCall;
@@ -236,7 +246,7 @@
     };
   });
   w.addEventListener("popstate", navigated);
-  if (hashRouting) w.addEventListener("hashchange", navigated);
+  w.addEventListener("hashchange", navigated); // without hash routing, the same URL
   w.addEventListener("pageshow", function (event) {
     hidden = 0;
     if (event.persisted) page(true); // restored from the back/forward cache
@@ -246,11 +256,11 @@
     flush(1);
   });
   d.addEventListener("visibilitychange", function () {
-    if (d.visibilityState === "hidden") flush(1);
+    if (d.hidden) flush(1);
   });
   d.addEventListener("click", function (event) {
     var target = event.target;
-    var marked = target.closest && target.closest("[" + MARK + "]");
+    var marked = target.closest("[" + MARK + "]"); // clicks target elements
     if (marked && marked.tagName !== "FORM") capture(marked);
     else if (enabled("track-clicks") && (target = target.closest("button"))) {
       capture(target, "Button clicked");

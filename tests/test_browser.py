@@ -64,6 +64,7 @@ class Site:
     stub: str = ""
     integrity: str = ""
     body_seen: list[str] | None = None
+    refusals: list[str] = dataclasses.field(default_factory=list)
 
     def url(self, path: str) -> str:
         return str(self.pages.make_url(path))
@@ -122,9 +123,22 @@ async def site(settings: Settings, fake: FakeOutbound) -> AsyncIterator[Site]:
         site.body_seen = [await request.text()]
         return web.Response(text=site.render(THANKS), content_type="text/html")
 
+    async def refuse(request: web.Request) -> web.Response:
+        # A collector of the page's own origin that answers the first batch with the status
+        # in the path, and each later one with a 202. Batches are told apart by their body
+        # (sent_at changes): Chromium itself resends a request once that got a 408 on a
+        # reused connection, and that is not the script retrying.
+        body = await request.text()
+        if body not in site.refusals:
+            site.refusals.append(body)
+        if site.refusals.index(body) == 0:
+            return web.json_response({"error": "no"}, status=int(request.match_info["status"]))
+        return web.json_response({"accepted": 1, "rejected": []}, status=202)
+
     app.router.add_get("/", home)
     app.router.add_get("/app/{page}", home)
     app.router.add_route("*", "/thanks", thanks)
+    app.router.add_post("/refuse/{status}", refuse)
     await pages.start_server()
     # Headless Chromium says so in its user agent; these tests are the wanted automation.
     collector.settings = dataclasses.replace(
@@ -491,3 +505,122 @@ def test_stub_in_readme_is_the_tested_one() -> None:
     readme = (ROOT / "README.md").read_text()
     assert STUB in readme
     assert re.search(r'<script defer src="https://collect\.example\.com/s\.js"', readme)
+
+
+async def test_identify_lasts_across_pages_until_reset(browser: Browser, site: Site) -> None:
+    page, _ = await open_page(browser, site)
+    await site.fake.wait_for(2)
+    anonymous_id = site.fake.received[0].body["user_id"]
+    await page.evaluate(
+        "([id, hash]) => outbound('identify', id, {}, hash)", ["u42", user_hash("u42")]
+    )
+    # A new page load: the script starts afresh and must find the user it was told of.
+    await page.goto(site.url("/app/next"))
+    await page.evaluate("outbound('track', 'afterLoad')")
+    await eventually(lambda: any(r.body["event"] == "afterLoad" for r in site.fake.tracks()))
+    after = next(r for r in site.fake.tracks() if r.body["event"] == "afterLoad")
+    assert after.body["user_id"] == "u42"
+    next_view = next(
+        r for r in site.fake.tracks() if r.body["properties"].get("path") == "/app/next"
+    )
+    assert next_view.body["user_id"] == "u42"
+
+    await page.evaluate("outbound('reset')")
+    await page.goto(site.url("/app/anonymous"))
+    await page.evaluate("outbound('track', 'afterReset')")
+    await eventually(lambda: any(r.body["event"] == "afterReset" for r in site.fake.tracks()))
+    reset = next(r for r in site.fake.tracks() if r.body["event"] == "afterReset")
+    assert reset.body["user_id"] not in {"u42", anonymous_id}  # a new anonymous id
+
+
+@pytest.mark.parametrize(
+    ("status", "posts"),
+    [(408, 2), (429, 2), (503, 2), (400, 1), (403, 1), (413, 1)],
+)
+async def test_what_is_retried_and_what_is_dropped(
+    browser: Browser, site: Site, status: int, posts: int
+) -> None:
+    # The page's own origin plays the collector: its first answer is `status`, then 202s;
+    # `posts` counts the batches the script sent.
+    site.attributes = f'data-allow-automation data-endpoint="/refuse/{status}"'
+    page, _ = await open_page(browser, site)
+    await eventually(lambda: len(site.refusals) >= 1)
+    await asyncio.sleep(2.5)  # the first retry comes after 1 s
+    assert len(site.refusals) == posts
+    assert await outbox_empty(page)
+
+
+async def console_of(page: Page) -> list[str]:
+    """The script's console messages on `page` so far (collected since it opened)."""
+    said: list[str] = await page.evaluate("window.said || []")
+    return said
+
+
+# Collects what the script tells the console, from before the script runs.
+CONSOLE = """window.said = [];
+const warn = console.warn.bind(console);
+console.warn = (...args) => { window.said.push(args.join(" ")); warn(...args); };"""
+
+
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "silent"])
+async def test_debug_says_why_once(browser: Browser, site: Site, debug: bool) -> None:
+    flag = " data-debug" if debug else ""
+    site.attributes = "data-allow-automation" + flag
+
+    # A command that does not exist, a rejected event, each twice; then a bot's page.
+    page = await browser.new_page()
+    await page.add_init_script(CONSOLE)
+    await page.goto(site.url("/"))
+    await page.evaluate("outbound('trak', 'x'); outbound('trak', 'y')")
+    for _ in range(2):
+        await page.evaluate("outbound('track', 'checkout', 'not an object'); outbound.page()")
+        await eventually(lambda: outbox_empty(page))
+        await asyncio.sleep(1.2)
+    said = await console_of(page)
+    # The page view in the same batch went through: a 202 that names the rejected event.
+    rejected = (
+        'outbound: 202 {"accepted":1,"rejected":[{"index":0,"errors":'
+        '[{"path":"/properties","message":"must be an object, not a string"}]}]}'
+    )
+    assert said == (["outbound: unknown command: trak", rejected] if debug else [])
+
+    # A page on an origin the collector refuses: one POST, and the 403 said once.
+    refused = site.origin.replace("127.0.0.1", "localhost")
+    page = await browser.new_page()
+    await page.add_init_script(CONSOLE)
+    await page.goto(f"{refused}/")
+    await page.evaluate("outbound('track', 'one')")
+    await eventually(lambda: posts_from(site, "/e", refused) == 2)
+    await asyncio.sleep(1.5)
+    assert posts_from(site, "/e", refused) == 2
+    error = f"the origin '{refused}' is not allowed to send events"
+    said = await console_of(page)
+    assert said == ([f'outbound: 403 {{"error":"{error}"}}'] if debug else [])
+
+    # A browser the collector takes for a bot: its events are dropped, and that is said once.
+    await site.collector.stop()
+    site.collector.settings = dataclasses.replace(
+        site.collector.settings, bot_user_agents=re.compile("ExampleBot")
+    )
+    await site.collector.start()
+    page = await browser.new_page(user_agent="ExampleBot/1.0")
+    await page.add_init_script(CONSOLE)
+    await page.goto(site.url("/"))
+    await page.evaluate("outbound('track', 'one')")
+    await eventually(lambda: outbox_empty(page))
+    await asyncio.sleep(1.2)
+    await page.evaluate("outbound('track', 'two')")
+    await eventually(lambda: outbox_empty(page))
+    said = await console_of(page)
+    assert said == (['outbound: 202 {"accepted":0,"rejected":[],"dropped":1}'] if debug else [])
+
+    site.attributes = flag.strip()  # no data-allow-automation: an automated browser is skipped
+    page = await browser.new_page()
+    await page.add_init_script(CONSOLE)
+    await page.goto(site.url("/"))
+    await page.evaluate("outbound('track', 'one'); outbound('track', 'two')")
+    await asyncio.sleep(1.2)
+    assert await console_of(page) == (
+        ["outbound: webdriver: add data-allow-automation"] if debug else []
+    )
+    assert site.collector.queue.stored == 0  # the restarted collector got nothing from it
