@@ -174,7 +174,9 @@ async def get_readyz(request: web.Request) -> web.Response:
     except Exception as error:
         problems.append(f"queue: {error}")
         stats = None
-    if not queue.healthy and not await queue.probe(time.time()):
+    if queue.damaged is not None:
+        problems.append(f"queue: {queue.damaged}; stop the collector and restore the file")
+    elif not queue.healthy and not await queue.probe(time.time()):
         problems.append("queue: cannot store events (the last write failed)")
     if relay.breaker.is_open:
         problems.append(f"relay circuit open: {relay.breaker.reason}")

@@ -36,7 +36,7 @@ from .config import (
 from .deadline import with_header_deadline
 from .debug import demo_enabled
 from .identity import user_hash
-from .queue import DeadLetterFilter, SQLiteQueue
+from .queue import DeadLetterFilter, QueueRefused, SQLiteQueue
 from .schema import SchemaDirError, lint_schemas, load_event_schemas
 from .script import Script, snippet
 
@@ -262,7 +262,7 @@ def serve(args: argparse.Namespace) -> int:
         pass
     try:
         asyncio.run(_serve(settings))
-    except (StartupError, SettingsError) as error:
+    except (StartupError, SettingsError, QueueRefused) as error:
         return _fail(str(error))
     except SchemaDirError as error:
         return _fail(f"schemas_dir: {error}")
@@ -410,7 +410,10 @@ def dead_letters(args: argparse.Namespace) -> int:
         return _fail(
             f"{args.action}: name which dead letters (--id, --reason, --status, --event) or --all"
         )
-    return asyncio.run(_dead_letters(args, path, which))
+    try:
+        return asyncio.run(_dead_letters(args, path, which))
+    except QueueRefused as error:
+        return _fail(str(error))
 
 
 async def _dead_letters(args: argparse.Namespace, path: Path, which: DeadLetterFilter) -> int:
@@ -539,7 +542,10 @@ def stats(args: argparse.Namespace) -> int:
         path = _queue_file(args)
     except SettingsError as error:
         return _fail(str(error))
-    report = asyncio.run(_stats(path))
+    try:
+        report = asyncio.run(_stats(path))
+    except QueueRefused as error:
+        return _fail(str(error))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

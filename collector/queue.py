@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -44,6 +47,18 @@ class QueueUnavailable(Exception):
 
 class QueueFull(QueueUnavailable):
     """The queue holds as many events or bytes as it may; nothing was stored."""
+
+
+class QueueRefused(Exception):
+    """The queue file cannot be opened as it is: one line naming the file and what is wrong."""
+
+
+class QueueDamaged(QueueRefused):
+    """The queue file (or its log) is empty, truncated, foreign, unreadable or corrupt."""
+
+
+class QueueLocked(QueueRefused):
+    """Another process serves from this queue file."""
 
 
 class Queue(Protocol):
@@ -87,6 +102,10 @@ class Queue(Protocol):
 
     @property
     def healthy(self) -> bool: ...
+
+    @property
+    def damaged(self) -> str | None:
+        """What is wrong when the queue found its storage corrupt (it then refuses puts)."""
 
 
 _SCHEMA = """
@@ -175,6 +194,67 @@ BUSY_TIMEOUT = 5.0  # seconds to wait for another connection's write lock
 LOCK_POLL = 0.001  # seconds between tries while a connection that does not say when holds it
 _ID_CHUNK = 500  # message ids looked up per statement, well below SQLite's variable limit
 Row = tuple[str, str, float, bytes]
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+WAL_MAGICS = (0x377F0682, 0x377F0683)
+
+
+def check_file(path: Path) -> None:
+    """Refuse, before SQLite opens it, a queue file that is not a whole SQLite database, or
+    a log beside it that cannot be its own; a missing file is fine (it is created)."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(100)
+            size = os.fstat(file.fileno()).st_size
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise QueueDamaged(f"{path}: cannot be read ({error.strerror})") from None
+    if size == 0:
+        raise QueueDamaged(f"{path}: is empty (0 bytes), not a queue; move it away to start anew")
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise QueueDamaged(f"{path}: is not a SQLite database")
+    (page_size,) = struct.unpack(">H", header[16:18])
+    page_size = 65536 if page_size == 1 else page_size
+    changes, pages = struct.unpack(">II", header[24:32])
+    (valid_for,) = struct.unpack(">I", header[92:96])
+    if valid_for == changes and size < pages * page_size:
+        raise QueueDamaged(
+            f"{path}: is truncated ({size} bytes; its header says {pages * page_size})"
+        )
+    wal = path.with_name(path.name + "-wal")
+    try:
+        with wal.open("rb") as file:
+            wal_header = file.read(32)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise QueueDamaged(f"{wal}: cannot be read ({error.strerror})") from None
+    if not wal_header:
+        return  # an empty log: nothing to apply
+    magic, _, wal_page_size = (
+        struct.unpack(">III", wal_header[:12]) if len(wal_header) >= 12 else (0, 0, 0)
+    )
+    if magic not in WAL_MAGICS or wal_page_size != page_size:
+        raise QueueDamaged(
+            f"{wal}: is not the log of {path.name} (a log from another database or a copy);"
+            " move it away only if the queue file is whole without it"
+        )
+
+
+def check_integrity(connection: sqlite3.Connection, path: Path) -> None:
+    """Refuse a database that SQLite finds damaged (PRAGMA quick_check)."""
+    rows = connection.execute("PRAGMA quick_check(1)").fetchall()
+    if rows != [("ok",)]:
+        said = " ".join(str(rows[0][0]).split()) if rows else "no answer"  # one line
+        raise QueueDamaged(f"{path}: is damaged ({said})")
+
+
+def damage(error: BaseException) -> bool:
+    """Whether an SQLite error says the file is corrupt or not a database."""
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    return code in {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 
 
 def user_key(record: Record) -> str:
@@ -334,6 +414,8 @@ class SQLiteQueue:
         self._checkpointer: Checkpointer | None = None
         self._writer: asyncio.Task[None] | None = None
         self._healthy = True
+        self._lock_descriptor: int | None = None
+        self.damaged: str | None = None  # what SQLite said when it found the file corrupt
         self.commits = 0
         self.stored = 0
         self.duplicates = 0
@@ -344,6 +426,43 @@ class SQLiteQueue:
         return self._healthy
 
     async def open(self) -> None:
+        """Open (and create) the queue; QueueRefused when the file cannot be used as it is."""
+        if self._owner:
+            self._lock()
+        try:
+            await self._open()
+        except QueueRefused:
+            self._unlock()
+            raise
+        except sqlite3.DatabaseError as error:
+            self._unlock()
+            raise QueueDamaged(f"{self.path}: {error}") from None
+
+    def _lock(self) -> None:
+        """One owner a queue file: a second `serve` would void the first's leases and count
+        depths wrong. The lock goes with the process, however it ends."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(self.path.name + ".lock")
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "?"
+            os.close(descriptor)
+            raise QueueLocked(
+                f"{self.path}: another collector (pid {holder}) serves from this data"
+                " directory; one serve per data directory"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        self._lock_descriptor = descriptor
+
+    def _unlock(self) -> None:
+        if self._lock_descriptor is not None:
+            os.close(self._lock_descriptor)  # closing lets go of the lock
+            self._lock_descriptor = None
+
+    async def _open(self) -> None:
         if self._synchronous == "FULL":
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue")
             loop = asyncio.get_running_loop()
@@ -365,7 +484,16 @@ class SQLiteQueue:
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_file(self.path)
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            return self._prepare(connection)
+        except BaseException:
+            connection.close()
+            raise
+
+    def _prepare(self, connection: sqlite3.Connection) -> sqlite3.Connection:
+        check_integrity(connection, self.path)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={self._synchronous}")
         connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000:.0f}")
@@ -429,6 +557,7 @@ class SQLiteQueue:
             self._executor = None
         elif connection is not None:
             connection.close()
+        self._unlock()
 
     async def _submit(self, operation: Operation, *, stores: bool = False) -> Any:
         """Run `operation` in the next group commit. `stores`: it writes new data, so its
@@ -439,6 +568,9 @@ class SQLiteQueue:
         """A future for `item`'s part in the next group commit, which `pending` feeds."""
         if self._writer is None:
             raise QueueUnavailable("the queue is closed")
+        if self.damaged is not None and pending is self._puts:
+            # Stored in a damaged file, an event could be lost or sent again forever.
+            raise QueueUnavailable(self.damaged)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         pending.append((*item, future))
         self._work.set()
@@ -467,12 +599,14 @@ class SQLiteQueue:
                     )
             except Exception as error:
                 self._healthy, self.last_error = False, f"{type(error).__name__}: {error}"
+                if damage(error):
+                    self.damaged = f"{self.path} is damaged ({error})"
                 failure = QueueUnavailable(self.last_error)
                 for future in futures:
                     if not future.done():
                         future.set_exception(failure)
                 continue
-            if puts or any(stores for _, stores, _ in batch):
+            if (puts or any(stores for _, stores, _ in batch)) and self.damaged is None:
                 self._healthy, self.last_error = True, None
             self.commits += 1
             for future, result in zip(
