@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__, cors, debug, ingest
@@ -93,8 +94,11 @@ class MalformedRequestFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
-            reason = " ".join(str(error.message).split())[:200]
+        # RequestPayloadError: a body that cannot be decoded, met while aiohttp reads what a
+        # handler left unread (a POST to /healthz with broken gzip), after the answer.
+        if isinstance(error, HttpProcessingError | RequestPayloadError):
+            message = error.message if isinstance(error, HttpProcessingError) else error
+            reason = " ".join(str(message).split())[:200]
             record.msg, record.args = (
                 "refused a malformed request from %s: %s",
                 (

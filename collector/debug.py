@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from .config import Settings
+from .ingest import BROKEN_STREAM
 from .keys import DEBUG_HUB, SETTINGS
 from .live import CLOSE
 from .script import static_file
@@ -55,7 +56,16 @@ async def get_debug(request: web.Request) -> web.Response:
 async def post_debug_login(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     _admin(request, settings)  # 404 when the debugger is off
-    form = await request.post()
+    try:
+        # The whole body first, whatever its type: one that cannot be decoded is refused here
+        # rather than met by aiohttp draining it after the answer.
+        await request.read()
+        form = await request.post()
+    except (ValueError, *BROKEN_STREAM):  # a broken form, or a body that cannot be decoded
+        request.content.feed_eof()
+        refused = web.Response(status=400, text="the login form could not be read")
+        refused.force_close()
+        return refused
     token = settings.admin_token
     assert token is not None
     if not hmac.compare_digest(token.reveal().encode(), str(form.get("token", "")).encode()):

@@ -9,7 +9,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
@@ -22,13 +22,16 @@ from .enrich import Record, Sender, client_ip, enrich, from_outbound_identify, f
 from .identity import bearer_token, is_bot, token_matches, truncated_ip, verify_user
 from .keys import DEBUG_HUB, IP_LIMITER, METRICS, QUEUE, RELAY, SETTINGS, USER_LIMITER, VALIDATOR
 from .limits import RateLimiter, ip_bucket, request_cost, retry_after
+from .logs import clip
 from .queue import QueueFull, QueueUnavailable
-from .schema import Kind, Problem
+from .schema import Kind, Problem, pointer
 
 log = logging.getLogger("collector.ingest")
 
 JSON_TYPES = frozenset({"application/json", "text/plain"})
 _RETRY_LATER = {"Retry-After": "5"}
+# A refusal's sentence as logged: enough to see what was wrong, never what a client made long.
+MAX_LOGGED_REFUSAL = 300
 # What reading a body raises when its encoding cannot be undone.
 BROKEN_STREAM = (RequestPayloadError, ContentEncodingError, zlib.error)
 
@@ -73,7 +76,7 @@ async def read_body(request: web.Request, settings: Settings) -> bytes:
     ):
         raise RequestError(
             415,
-            f"Content-Type {request.content_type!r} is not accepted; "
+            f"Content-Type {shortened(request.content_type, MAX_ERROR_TEXT)!r} is not accepted; "
             "send JSON as text/plain or application/json",
         )
     limit = settings.max_body_bytes
@@ -81,16 +84,21 @@ async def read_body(request: web.Request, settings: Settings) -> bytes:
     if length is not None and length > limit:
         raise RequestError(413, f"the body is over the limit of {limit} bytes")
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding and encoding != "identity" and length is not None:
-        limit = min(limit, length * settings.max_gzip_ratio)
+    # The ratio holds for every encoded body: against its declared length up front, and
+    # against the bytes received so far as it is decoded (chunked bodies declare none).
+    ratio = settings.max_gzip_ratio if encoding and encoding != "identity" else None
+    if ratio is not None and length is not None:
+        limit = min(limit, length * ratio)
     if request.content.is_eof():  # the whole body is here already: nothing to wait for
         try:
-            return _whole(request.content.read_nowait(), limit, encoding)
+            body = request.content.read_nowait()
+            _within_ratio(request, len(body), ratio)
+            return _whole(body, limit, encoding)
         except BROKEN_STREAM:
             raise _broken(request, encoding) from None
     try:
         async with asyncio.timeout(settings.body_timeout):
-            return await _read_within(request, limit, encoding)
+            return await _read_within(request, limit, encoding, ratio)
     except TimeoutError:
         request.content.feed_eof()
         raise RequestError(
@@ -102,6 +110,16 @@ def _too_large(limit: int) -> RequestError:
     return RequestError(
         413, f"the body is over the limit of {limit} bytes once decoded", close=True
     )
+
+
+def _within_ratio(request: web.Request, size: int, ratio: int | None) -> None:
+    """RequestError 413 when `size` decoded bytes are more than `ratio` times what came."""
+    if ratio is not None and size > ratio * _wire_bytes(request):
+        raise RequestError(
+            413,
+            f"the body grows more than {ratio} times (max_gzip_ratio) once decoded",
+            close=True,
+        )
 
 
 def _whole(body: bytes, limit: int, encoding: str) -> bytes:
@@ -121,7 +139,7 @@ def _broken(request: web.Request, encoding: str) -> RequestError:
     return RequestError(400, f"the body is not valid {encoding or 'data'}", close=True)
 
 
-async def _read_within(request: web.Request, limit: int, encoding: str) -> bytes:
+async def _read_within(request: web.Request, limit: int, encoding: str, ratio: int | None) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
@@ -129,6 +147,7 @@ async def _read_within(request: web.Request, limit: int, encoding: str) -> bytes
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit)
+            _within_ratio(request, size, ratio)
             chunks.append(chunk)
     except BROKEN_STREAM:
         raise _broken(request, encoding) from None
@@ -155,11 +174,58 @@ async def _drained(request: web.Request, limit: int) -> bool:
     return True
 
 
+# orjson parses 1,024 levels but encodes only 254, and each event is encoded again on its
+# way to the queue: deeper bodies are refused whole, with room below orjson's limit.
+MAX_JSON_DEPTH = 128
+
+
 def decode(body: bytes) -> object:
+    """The JSON document of a body; RequestError 400 when it is not JSON or nests too deep."""
     try:
-        return orjson.loads(body)
+        document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise RequestError(400, f"the body is not valid JSON: {error}") from None
+    # Nesting needs as many brackets as levels: most bodies have too few to look further.
+    if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH:
+        where = too_deep(document, MAX_JSON_DEPTH)
+        if where is not None:
+            raise RequestError(
+                400,
+                f"the body nests deeper than {MAX_JSON_DEPTH} levels, at "
+                f"{shortened(where, MAX_ERROR_TEXT)}",
+            )
+    return document
+
+
+class _Step(NamedTuple):
+    """A container met while measuring depth, and how it was reached (for its pointer)."""
+
+    value: dict[str, Any] | list[Any]
+    depth: int
+    parent: _Step | None
+    key: str | int
+
+
+def too_deep(document: object, limit: int) -> str | None:
+    """The JSON Pointer of the first object or array nested deeper than `limit`, or None."""
+    if not isinstance(document, dict | list):
+        return None
+    # Without recursion, which such a document would exhaust.
+    stack = [_Step(document, 1, None, "")]
+    while stack:
+        step = stack.pop()
+        if step.depth > limit:
+            keys: list[str | int] = []
+            at: _Step | None = step
+            while at is not None and at.parent is not None:
+                keys.append(at.key)
+                at = at.parent
+            return pointer(keys[::-1])
+        children = step.value.items() if isinstance(step.value, dict) else enumerate(step.value)
+        for key, child in children:
+            if isinstance(child, dict | list):
+                stack.append(_Step(child, step.depth + 1, step, key))
+    return None
 
 
 def split_batch(document: object, max_events: int) -> tuple[list[object], float | None]:
@@ -170,7 +236,8 @@ def split_batch(document: object, max_events: int) -> tuple[list[object], float 
         return [document], None
     extra = sorted(set(document) - {"batch", "sent_at"})
     if extra:
-        raise RequestError(400, f"a batch takes only `batch` and `sent_at`, not `{extra[0]}`")
+        unknown = shortened(extra[0], MAX_ERROR_TEXT)
+        raise RequestError(400, f"a batch takes only `batch` and `sent_at`, not `{unknown}`")
     events, sent_at = document["batch"], document.get("sent_at")
     if not isinstance(events, list) or not events:
         raise RequestError(400, "`batch` must be a non-empty array of events")
@@ -539,7 +606,7 @@ async def _refuse(request: web.Request, app: web.Application, error: RequestErro
         metrics.rate_limited.inc()
     else:
         metrics.refused_requests.labels(str(error.status)).inc()
-    log.info("refused %d: %s", error.status, error.message)
+    log.info("refused %d: %s", error.status, clip(error.message, MAX_LOGGED_REFUSAL))
     response = error_response(error.status, error.message, error.headers)
     if error.close or not await _drained(request, settings.max_body_bytes):
         response.force_close()

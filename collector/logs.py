@@ -31,6 +31,48 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# What a client sends may reach a log line (a key, an origin, an event name, a message id):
+# escaped, so that it cannot start a line of its own, and cut short, so that a few bytes of
+# gzip cannot write a megabyte. Whole lines are held to the same, whatever wrote them.
+CLIP = 120
+MAX_LINE = 2000
+MAX_LINES_PER_REQUEST = 20
+_LINES: ContextVar[list[int] | None] = ContextVar("lines_of_request", default=None)
+
+
+def clip(value: object, limit: int = CLIP) -> str:
+    """A client-supplied value as a log line may show it: control and other unprintable
+    characters escaped (`\\n`, `\\x1b`), at most `limit` characters before escaping, with
+    its full length when cut."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text)} characters)"
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+class BoundedLines(logging.Filter):
+    """Every line one line, of at most MAX_LINE characters, and at most
+    MAX_LINES_PER_REQUEST lines for one request (one more says that the rest were dropped).
+    Tracebacks, which the formatter adds, are left whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        counter = _LINES.get()
+        if counter is not None:
+            counter[0] += 1
+            if counter[0] > MAX_LINES_PER_REQUEST + 1:
+                return False
+            if counter[0] == MAX_LINES_PER_REQUEST + 1:
+                record.msg, record.args = "further lines of this request are dropped", None
+                record.exc_info = record.exc_text = None
+                return True
+        message = record.getMessage()
+        if len(message) > MAX_LINE or not message.isprintable():
+            record.msg, record.args = clip(message, MAX_LINE), None
+        return True
+
+
 class JsonLines(logging.Formatter):
     """One JSON object per line: time, level, logger, request id, message."""
 
@@ -51,6 +93,7 @@ def configure(level: str, style: str) -> None:
     """Send the collector's and aiohttp's logs to stderr, as text or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(BoundedLines())
     formatter: logging.Formatter = (
         JsonLines() if style == "json" else logging.Formatter(TEXT_FORMAT)
     )
@@ -69,6 +112,7 @@ async def request_ids(request: web.Request, handler: Handler) -> web.StreamRespo
     given = request.headers.get("X-Request-ID", "")
     request_id = given if _SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
     token = REQUEST_ID.set(request_id)
+    lines = _LINES.set([0])
     try:
         response = await handler(request)
     except web.HTTPException as error:
@@ -76,5 +120,6 @@ async def request_ids(request: web.Request, handler: Handler) -> web.StreamRespo
         raise
     finally:
         REQUEST_ID.reset(token)
+        _LINES.reset(lines)
     response.headers["X-Request-ID"] = request_id
     return response

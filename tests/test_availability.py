@@ -181,3 +181,58 @@ async def test_per_address_buckets_when_configured(start_collector: StartCollect
             "/e", valid_body("/e", host), headers=sent_from(f"2001:db8:77:1::{host}")
         )
         assert status == 202
+
+
+# Finding 6: nesting that parses but cannot be encoded again.
+
+
+def nested(depth: int) -> str:
+    """JSON text of `depth` levels of arrays and objects, alternating: [{"a": [{"a": 1}]}].
+    Written as text: orjson would refuse to encode it past 254 levels."""
+    opening = "".join('{"a": ' if level % 2 else "[" for level in range(depth))
+    closing = "".join("}" if level % 2 else "]" for level in reversed(range(depth)))
+    return f"{opening}1{closing}"
+
+
+def deep_body(path: str, depth: int) -> bytes:
+    """A body of `path` nested `depth` levels deep in all (the levels around it included)."""
+    if path == "/e":
+        event = f'{{"event": "x", "anonymous_id": "a", "properties": {{"p": {nested(depth - 4)}}}}}'
+        return f'{{"batch": [{event}]}}'.encode()
+    field = "properties" if path == "/v2/track" else "attributes"
+    return f'{{"event": "x", "user_id": "u", "{field}": {{"p": {nested(depth - 2)}}}}}'.encode()
+
+
+def test_deep_body_is_as_deep_as_said() -> None:
+    def depth(value: object) -> int:
+        if isinstance(value, dict):
+            value = list(value.values())
+        if not isinstance(value, list):
+            return 0
+        return 1 + max((depth(child) for child in value), default=0)
+
+    for path in EVENT_PATHS:
+        assert depth(orjson.loads(deep_body(path, 200))) == 200
+
+
+@pytest.mark.parametrize("path", EVENT_PATHS)
+@pytest.mark.parametrize("depth", [129, 253, 254, 255, 256, 500, 1000, 1023, 1024])
+async def test_deep_bodies_get_400_naming_the_path(
+    collector: Collector, path: str, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    status, answer, _ = await collector.post(path, data=deep_body(path, depth))
+    assert status == 400
+    if depth <= 1024:  # orjson itself refuses more, with its own message
+        where = "/batch/0/properties/" if path == "/e" else "/"
+        assert "nests deeper than 128 levels, at " + where in answer["error"]
+    assert not [r for r in caplog.records if r.levelno >= 40]
+    assert collector.queue.stored == 0
+    status, _, _ = await collector.post(path, valid_body(path))
+    assert status == 202
+
+
+async def test_nesting_within_the_limit_is_judged_per_event(collector: Collector) -> None:
+    # 128 levels in all parse, encode and are refused per event by max_property_depth.
+    status, answer, _ = await collector.post("/e", data=deep_body("/e", 128))
+    assert status == 400
+    assert answer["rejected"][0]["errors"][0]["path"].startswith("/properties")

@@ -60,7 +60,42 @@ def encode(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
+def deep(depth: int, inside: str) -> bytes:
+    """JSON nested `depth` levels (as text: orjson encodes at most 254), inside an event's
+    properties, a batch, or bare; bodies that parse, then could not be encoded again."""
+    opening = "".join('{"a": ' if level % 2 else "[" for level in range(depth))
+    closing = "".join("}" if level % 2 else "]" for level in reversed(range(depth)))
+    value = f"{opening}1{closing}"
+    if inside == "event":
+        return f'{{"event": "x", "user_id": "u", "properties": {{"p": {value}}}}}'.encode()
+    if inside == "batch":
+        return f'{{"batch": [{{"event": "x", "anonymous_id": "a", "traits": {value}}}]}}'.encode()
+    return value.encode()
+
+
+# 254 to 1,023 levels parse and cannot be encoded; the edges around them too.
+DEPTHS = st.integers(min_value=120, max_value=1030) | st.sampled_from([253, 254, 1023, 1024])
+deep_bodies = st.builds(deep, DEPTHS, st.sampled_from(["event", "batch", "bare"]))
+# Every route the collector has with the debugger, the demo and metrics on; the streams are
+# POSTed to (405), as a GET would stream until closed.
+PATHS = [
+    "/e",
+    "/v2/track",
+    "/v2/identify",
+    "/debug",
+    "/debug/login",
+    "/debug/events",
+    "/demo",
+    "/demo/events",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/s.js",
+    "/_collector/live.js",
+]
+
 bodies = st.one_of(
+    deep_bodies,
     st.binary(max_size=600),
     events.map(encode),
     st.lists(events, max_size=4).map(lambda batch: encode({"batch": batch})),
@@ -109,6 +144,8 @@ async def target(start_collector: StartCollector) -> Collector:
         identity_secret=Secret("fuzz-identity-secret-0123456789abcdef"),
         server_tokens=(Secret(TOKEN),),
         rate_limit_per_ip=0.0,
+        admin_token=Secret("fuzz-admin-token-0123456789"),
+        demo="on",
     )
 
 
@@ -130,7 +167,7 @@ async def test_generated_requests_never_get_a_5xx(
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
     @given(
-        path=st.sampled_from(["/e", "/v2/track", "/v2/identify"]),
+        path=st.sampled_from(["/e", "/v2/track", "/v2/identify"]) | st.sampled_from(PATHS),
         body=bodies,
         content_type=content_types,
         extra=headers,
@@ -156,3 +193,22 @@ async def test_generated_requests_never_get_a_5xx(
         "/e", SEED_EVENT, headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert (status, answer["accepted"]) == (202, 1)
+
+
+@pytest.mark.parametrize("inside", ["event", "batch", "bare"])
+async def test_deep_bodies_on_every_route(
+    target: Collector, inside: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each route, each depth around orjson's limits: a 4xx (400 on the event routes), never a
+    5xx nor an error in the log."""
+    caplog.set_level(logging.WARNING)
+    assert target.app is not None
+    routes = {resource.canonical for resource in target.app.router.resources()}
+    assert routes >= set(PATHS) - {"/_collector/live.js"}  # the list above misses none
+    for path in PATHS:
+        for depth in (253, 254, 255, 600, 1023, 1024, 1025):
+            status, _, _ = await target.post(path, data=deep(depth, inside))
+            assert status < 500, (path, depth)
+            if path in {"/e", "/v2/track", "/v2/identify"}:
+                assert status == 400, (path, depth)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
