@@ -30,6 +30,7 @@ from .config import (
     env_name,
     http_url,
     load_settings,
+    redact_url,
     settings_fields,
     unknown_variables,
 )
@@ -346,7 +347,7 @@ def banner(settings: Settings, port: int, schemas: int) -> str:
     relay = (
         "DRY RUN: OUTBOUND_API_KEY is not set; calls are logged, not sent"
         if settings.dry_run
-        else f"relaying to {settings.outbound_url}"
+        else f"relaying to {redact_url(settings.outbound_url)}"
     )
     origins = (
         ", ".join(settings.allowed_origins)

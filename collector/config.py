@@ -174,6 +174,39 @@ def parse_origin(raw: str) -> str:
     return raw
 
 
+def redact_url(url: str) -> str:
+    """The URL with its user:password@ (if any) replaced, for printing."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc="********@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _public_url(raw: object) -> str:
+    """The collector's own URL as browsers reach it; its origin is the collector's own."""
+    if not _text(raw):
+        return ""
+    value = http_url(raw)
+    parts = urlsplit(value)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"must not hold credentials, got {redact_url(value)!r}")
+    return value
+
+
+def _anonymous_id_prefix(raw: object) -> str:
+    value = _text(raw)
+    if not value:
+        raise ValueError(
+            "must not be empty: without a prefix an anonymous id a browser chooses could be "
+            "read at Outbound as the id of one of your users"
+        )
+    return value
+
+
+def _names(raw: object) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_items(raw)))
+
+
 def _origins(raw: object) -> tuple[str, ...]:
     origins = tuple(parse_origin(item) for item in _items(raw))
     if "*" in origins and len(origins) > 1:
@@ -218,6 +251,20 @@ def _header_secret(raw: object) -> Secret | None:
     value = _text(raw)
     if value and not (value.isascii() and value.isprintable()):
         raise ValueError("must be printable ASCII (it is sent in an HTTP header)")
+    return Secret(value) if value else None
+
+
+TOKEN_MIN = 16
+
+
+def _token(raw: object) -> Secret | None:
+    """A bearer token people type or paste: long enough that guessing it is hopeless."""
+    value = _text(raw)
+    if value and len(value) < TOKEN_MIN:
+        raise ValueError(
+            f"must be at least {TOKEN_MIN} characters long, this one has {len(value)} (make "
+            "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        )
     return Secret(value) if value else None
 
 
@@ -316,6 +363,35 @@ class Settings:
         _choice("anonymize", "reject"),
         "What happens to a browser event whose user_id lacks a valid user_hash: anonymize "
         "keeps it under its anonymous id, reject refuses it.",
+    )
+    anonymous_id_prefix: str = setting(
+        "anon:",
+        _anonymous_id_prefix,
+        "Prefix of anonymous ids at Outbound (anonymous_id a1 becomes user anon:a1), so that "
+        "no anonymous id can be taken for one of your users' ids; must not be empty.",
+    )
+    protected_traits: tuple[str, ...] = setting(
+        (
+            "email",
+            "phone_number",
+            "group_id",
+            "group_attributes",
+            "first_name",
+            "last_name",
+            "apns",
+            "gcm",
+        ),
+        _names,
+        "Comma-separated traits that, with identity_secret set, only verified users and "
+        "server tokens may set (where Outbound sends messages, what a group shares, what "
+        "messages say); empty: none.",
+    )
+    public_url: str = setting(
+        "",
+        _public_url,
+        "The collector's URL as browsers reach it (behind a reverse proxy: the proxy's), like "
+        "https://collect.example.com; its origin may always send. Unset: only the address "
+        "the collector was reached on (and its loopback names).",
     )
     server_tokens: tuple[Secret, ...] = setting(
         (),
@@ -459,20 +535,26 @@ class Settings:
     )
     metrics_token: Secret | None = setting(
         None,
-        _secret,
+        _token,
         "Bearer token for GET /metrics; unset: /metrics answers only loopback clients.",
         flag=False,
     )
     admin_token: Secret | None = setting(
         None,
-        _secret,
+        _token,
         "Token that opens the live debugger at /debug; unset: no debugger.",
         flag=False,
     )
     demo: str = setting(
         "auto",
         _choice("auto", "on", "off"),
-        "The demo page at /demo: auto is on while no allowed_origins are set.",
+        "The demo page at /demo: auto is on while no allowed_origins are set, for loopback "
+        "clients only; on shows it to anyone.",
+    )
+    max_live_viewers: int = setting(
+        16,
+        _integer(1, 1000),
+        "Most live views open at once, each of /debug and /demo (503 beyond).",
     )
 
     @property
@@ -490,6 +572,8 @@ class Settings:
                 shown[item.name] = "******** (set)"
             elif isinstance(value, re.Pattern):
                 shown[item.name] = value.pattern
+            elif item.name == "outbound_url":
+                shown[item.name] = redact_url(value)
             elif value is None:
                 shown[item.name] = "(unset)"
             elif isinstance(value, tuple):

@@ -6,12 +6,22 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import logging
+import os
 import re
+import secrets
+import tempfile
+import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Literal
 
-from .config import Secret
+from .config import Secret, SettingsError
+from .enrich import Record
+from .outbound import guid_safe
 from .schema import Problem
+
+log = logging.getLogger("collector.identity")
 
 Verdict = Literal["trusted", "anonymized", "refused"]
 
@@ -67,6 +77,110 @@ def verify_user(
     if on_failure == "anonymize" and event.get("anonymous_id"):
         return "anonymized", [Problem(problem.path, why)]
     return "refused", [Problem(problem.path, why)]
+
+
+def protected_trait_problems(traits: object, protected: Iterable[str], *, at: str) -> list[Problem]:
+    """A problem for each protected trait a sender who is not verified tries to set, at the
+    top of `traits` or in its `attributes` (`at`: where the traits are in what was sent)."""
+    if not isinstance(traits, dict):
+        return []
+    places = [(at, traits)]
+    if isinstance(traits.get("attributes"), dict):
+        places.append((f"{at}/attributes", traits["attributes"]))
+    why = (
+        "is a protected trait (protected_traits): only a verified user (a user_id with its "
+        "user_hash) or a server token may set it, since it changes whom Outbound messages, "
+        "what they say or what a group shares"
+    )
+    return [
+        Problem(f"{where}/{name}", why)
+        for name in protected
+        for where, holder in places
+        if name in holder
+    ]
+
+
+# What the ids of a new record are; records queued before this (without the mark
+# "anonymous_prefix") are read by `outbound` as they were written.
+IDS_KEY_FILE = "ids.key"
+_KEY_HEX = 64  # 32 random bytes
+
+
+def ids_key(data_dir: Path) -> Secret:
+    """The server-side key of the ids the collector derives (GUIDs, dedupe scopes): read from
+    `ids.key` in the data directory, made there (mode 0600) at the first start."""
+    path = data_dir / IDS_KEY_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        descriptor, made = tempfile.mkstemp(dir=data_dir, prefix=".ids.key.")  # mode 0600
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_hex(_KEY_HEX // 2) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            os.link(made, path)  # never replaces a key another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(made)
+    try:
+        text = path.read_text("ascii").strip()
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as error:
+        raise SettingsError("data_dir", f"{path} cannot be read: {error}") from None
+    if len(text) != _KEY_HEX or not all(c in "0123456789abcdef" for c in text):
+        raise SettingsError(
+            "data_dir", f"{path} is not a key the collector made; move it away to make a new one"
+        )
+    if mode & 0o077:
+        log.warning("%s can be read by other users; chmod 600 it", path)
+    return Secret(text)
+
+
+def _keyed(key: Secret, purpose: str, text: str) -> bytes:
+    return hmac.digest(key.reveal().encode(), f"{purpose}\0{text}".encode(), "sha256")
+
+
+def keyed_guid(key: Secret, purpose: str, text: str) -> str:
+    """A UUID derived from `text` with the server's key: the same every time, and nobody
+    without the key can compute it (and so send it first)."""
+    return str(uuid.UUID(bytes=_keyed(key, purpose, text)[:16], version=4))
+
+
+def stamp_ids(record: Record, *, server: bool, key: Secret, prefix: str) -> None:
+    """Give a new record the ids Outbound and the queue will know it by.
+
+    - An anonymous id goes into its own namespace (`prefix`), so that it can never be read
+      as a user's id, in an alias's previous_id neither.
+    - A browser's message id is deduplicated within its visitor's scope only (the verified
+      user, else the anonymous id): `dedupe_key` is the id and a keyed digest of the scope.
+      A server token's ids are one scope, the message id itself, which no browser key equals.
+    - GUIDs: a browser's message id as it is when a header carries it exactly, else one
+      derived with the key; a server token's always derived, so that no browser can send it
+      first; the identify before a first track gets a derived one of its own.
+    """
+    anonymous = record.get("anonymous_id")
+    if anonymous is not None:
+        record["anonymous_id"] = prefix + anonymous
+        record["anonymous_prefix"] = prefix
+    message_id: str = record["message_id"]
+    if server:
+        guid = keyed_guid(key, "server", message_id)
+    else:
+        user = record.get("user_id")
+        visitor = f"user\0{user}" if user is not None else f"anonymous\0{anonymous}"
+        record["dedupe_key"] = f"{message_id}#{_keyed(key, 'scope', visitor)[:16].hex()}"
+        guid = message_id if guid_safe(message_id) else keyed_guid(key, "message", message_id)
+    if guid != message_id:
+        record["guid"] = guid
+    if record["type"] != "identify":
+        record["identify_guid"] = keyed_guid(key, "identify", guid)
+
+
+def rate_key(record: Record) -> str:
+    """The per-user rate bucket of a record: users and anonymous ids never share one."""
+    user = record.get("user_id")
+    return f"user {user}" if user is not None else f"anonymous {record.get('anonymous_id')}"
 
 
 def is_bot(user_agent: str | None, pattern: re.Pattern[str] | None) -> bool:

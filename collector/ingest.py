@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import orjson
 from aiohttp import web
@@ -19,8 +21,27 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .config import Settings
 from .enrich import Record, Sender, client_ip, enrich, from_outbound_identify, from_outbound_track
-from .identity import bearer_token, is_bot, token_matches, truncated_ip, verify_user
-from .keys import DEBUG_HUB, IP_LIMITER, METRICS, QUEUE, RELAY, SETTINGS, USER_LIMITER, VALIDATOR
+from .identity import (
+    bearer_token,
+    is_bot,
+    protected_trait_problems,
+    rate_key,
+    stamp_ids,
+    token_matches,
+    truncated_ip,
+    verify_user,
+)
+from .keys import (
+    DEBUG_HUB,
+    IDS_KEY,
+    IP_LIMITER,
+    METRICS,
+    QUEUE,
+    RELAY,
+    SETTINGS,
+    USER_LIMITER,
+    VALIDATOR,
+)
 from .limits import RateLimiter, ip_bucket, request_cost, retry_after
 from .logs import clip
 from .queue import QueueFull, QueueUnavailable
@@ -260,12 +281,54 @@ def request_origin(origin: str | None, referer: str | None) -> str | None:
     return None
 
 
-def origin_allowed(origin: str, allowed: tuple[str, ...], own_host: str | None) -> bool:
-    """Whether a browser on `origin` may send: listed, '*', or this collector's own origin."""
+def origin_allowed(
+    origin: str, allowed: tuple[str, ...], own_hosts: str | Collection[str] | None
+) -> bool:
+    """Whether a browser on `origin` may send: listed, '*', or this collector's own origin
+    (`own_hosts`: its host[:port] as browsers reach it, from `own_hosts()`)."""
     if "*" in allowed or origin in allowed:
         return True
+    if not own_hosts:
+        return False
     parts = urlsplit(origin)
-    return bool(own_host) and parts.scheme in {"http", "https"} and parts.netloc == own_host
+    own = (own_hosts,) if isinstance(own_hosts, str) else own_hosts
+    return parts.scheme in {"http", "https"} and parts.netloc in own
+
+
+def own_hosts(request: web.Request, settings: Settings) -> frozenset[str]:
+    """The collector's own host[:port]s: `public_url`'s, and the address the connection came
+    in on (with the loopback names when it is loopback). Never the Host header, which is
+    whatever name the browser used: a rebound DNS name (evil.test -> 127.0.0.1) included."""
+    hosts = set()
+    if settings.public_url:
+        hosts.add(_netloc(urlsplit(settings.public_url)))
+    local = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(local, tuple) and len(local) >= 2:
+        hosts.update(_local_hosts(str(local[0]), int(local[1])))
+    return frozenset(hosts)
+
+
+def _netloc(parts: SplitResult) -> str:
+    """host[:port] as a browser writes it in an Origin: lower case, no default port."""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return host if parts.port in (None, default) else f"{host}:{parts.port}"
+
+
+@functools.lru_cache(maxsize=64)
+def _local_hosts(address: str, port: int) -> frozenset[str]:
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return frozenset()
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    names = [f"[{ip}]" if ip.version == 6 else str(ip)]
+    if ip.is_loopback:
+        names += ["localhost", "127.0.0.1", "[::1]"]
+    with_port = {f"{name}:{port}" for name in names}
+    return frozenset(with_port | set(names) if port in (80, 443) else with_port)
 
 
 def is_server(request: web.Request, settings: Settings) -> bool:
@@ -280,9 +343,28 @@ def is_server(request: web.Request, settings: Settings) -> bool:
             return True
         raise RequestError(401, "the server token is not valid")
     origin = request_origin(request.headers.get("Origin"), request.headers.get("Referer"))
-    if origin is not None and not origin_allowed(origin, settings.allowed_origins, request.host):
+    if origin is not None and not origin_allowed(
+        origin, settings.allowed_origins, own_hosts(request, settings)
+    ):
         raise RequestError(403, f"the origin {origin[:100]!r} is not allowed to send events")
     return False
+
+
+def client_address(request: web.Request, settings: Settings) -> str | None:
+    """The client's address as resolved through `trusted_proxies` (behind nginx the socket
+    peer is always loopback): what rate limits, logs and "loopback only" go by."""
+    return client_ip(
+        request.remote, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
+    )
+
+
+def from_loopback(request: web.Request, settings: Settings) -> bool:
+    """Whether the client, as resolved through `trusted_proxies`, is on this machine."""
+    address = client_address(request, settings)
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def sender_of(request: web.Request, settings: Settings, ip: str | None) -> Sender:
@@ -342,10 +424,22 @@ def judge(
             reason = "unverified_user"
             if verdict == "anonymized":
                 status = "anonymized"
+                event = {k: v for k, v in event.items() if k not in {"user_id", "user_hash"}}
+            if verdict != "refused" and event.get("user_id") is None:
+                # Nobody vouches for this sender: contact traits and groups are not theirs
+                # to set. (On /v2/identify the traits are the body's own fields.)
+                on_v2 = kind == "outbound_identify"
+                unvouched = protected_trait_problems(
+                    event if on_v2 else event.get("traits"),
+                    settings.protected_traits,
+                    at="" if on_v2 else "/traits",
+                )
+                if unvouched:
+                    status, reason, problems = "accepted", "protected_trait", problems + unvouched
+            if status == "anonymized":
                 verdicts.anonymized.append(
                     {"index": index, "errors": [p.as_json() for p in problems]}
                 )
-                event = {k: v for k, v in event.items() if k not in {"user_id", "user_hash"}}
         record = None
         if problems and status != "anonymized":
             status = "rejected"
@@ -360,6 +454,7 @@ def judge(
                 batch_sent_at=batch_sent_at,
                 tolerance=settings.clock_skew_tolerance,
             )
+            stamp_ids(record, server=server, key=app[IDS_KEY], prefix=settings.anonymous_id_prefix)
             verdicts.records.append(record)
         if watched:
             verdicts.seen.append(seen_item(event, status, problems, record, received_at))
@@ -413,7 +508,7 @@ def rate_limit_wait(app: web.Application, records: list[Record]) -> float:
     if not user_limiter.rate:
         return 0.0
     now = time.monotonic()
-    per_user = Counter(str(r.get("user_id") or r.get("anonymous_id")) for r in records)
+    per_user = Counter(rate_key(r) for r in records)
     wait = user_limiter.wait(per_user, now)
     if not wait:
         user_limiter.take(per_user, now)
@@ -523,9 +618,7 @@ async def _answer(
 ) -> web.Response:
     """Who sends, what they sent, what became of each event: the whole of one request."""
     settings, metrics, hub = app[SETTINGS], app[METRICS], app[DEBUG_HUB]
-    ip = client_ip(
-        request.remote, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
-    )
+    ip = client_address(request, settings)
     # Browsers pay for what they send before anything costly is done with it: an IP whose
     # bucket is empty is refused before its body is read, and every event received and
     # every byte read is charged before validation, so invalid input is not free.

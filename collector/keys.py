@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .config import Settings
+from .config import Secret, Settings
 from .limits import RateLimiter
 from .live import DebugHub
 from .metrics import Metrics
@@ -14,6 +14,7 @@ from .schema import EventValidator
 from .script import Script
 
 SETTINGS = web.AppKey("settings", Settings)
+IDS_KEY = web.AppKey("ids_key", Secret)  # of derived ids: identity.ids_key
 VALIDATOR = web.AppKey("validator", EventValidator)
 SCRIPT = web.AppKey("script", Script)
 QUEUE = web.AppKey("queue", Queue)

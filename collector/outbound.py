@@ -17,7 +17,7 @@ import orjson
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from .config import Secret
+from .config import Secret, redact_url
 from .enrich import Record
 
 log = logging.getLogger("collector.outbound")
@@ -33,7 +33,11 @@ PROFILE_FIELDS = (
     "group_attributes",
 )
 PAGE_FIELDS = ("url", "path", "title", "referrer")
+# GUIDs of records queued before `identity.stamp_ids` gave new ones theirs (derived
+# GUIDs of new records are keyed with the server's key instead).
 _GUID_NAMESPACE = uuid.UUID("5b1c7a3e-4f0e-4a8e-9d55-0c8a52f3b6a1")
+# The namespace given to the anonymous ids of records queued before there was one.
+LEGACY_ANONYMOUS_PREFIX = "anon:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +67,24 @@ def _present(value: object) -> bool:
     return value not in (None, "", {}, [])
 
 
+def anonymous(record: Record) -> str | None:
+    """The anonymous id as Outbound knows it: in its namespace, so never a user's id. A record
+    queued before the namespace existed gets the default prefix here."""
+    anonymous_id = record.get("anonymous_id")
+    if anonymous_id is None or "anonymous_prefix" in record:
+        return anonymous_id
+    return LEGACY_ANONYMOUS_PREFIX + str(anonymous_id)
+
+
 def subject(record: Record) -> str:
     """The id Outbound knows this person by: the known user id, else the anonymous id."""
-    return str(record.get("user_id") or record["anonymous_id"])
+    user_id = record.get("user_id")
+    if user_id is not None and user_id != "":
+        return str(user_id)
+    who = anonymous(record)
+    if who is None:
+        raise ValueError("a record needs a user_id or an anonymous_id")
+    return who
 
 
 def server_context(record: Record, *, with_ip: bool = False) -> dict[str, Any]:
@@ -88,8 +107,9 @@ def server_context(record: Record, *, with_ip: bool = False) -> dict[str, Any]:
 def identify_body(record: Record) -> dict[str, Any]:
     traits = dict(record.get("traits", {}))
     body: dict[str, Any] = {"user_id": subject(record)}
-    if record.get("user_id") and record.get("anonymous_id"):
-        body["previous_id"] = record["anonymous_id"]
+    previous = anonymous(record)
+    if previous is not None and body["user_id"] != previous:  # an alias: only ever from one
+        body["previous_id"] = previous
     for name in PROFILE_FIELDS:
         value = traits.pop(name, None)
         if _present(value):
@@ -133,19 +153,25 @@ def calls_for(
     forward_ip: bool = False,
 ) -> list[Call]:
     """The calls one record becomes, in order: Outbound wants an identify before a first track."""
-    message_id = record["message_id"]
+    guid = record.get("guid") or header_safe_guid(record["message_id"])
     if record["type"] == "identify":
-        return [Call("/v2/identify", identify_body(record), message_id, "identify")]
+        return [Call("/v2/identify", identify_body(record), guid, "identify")]
     track = track_body(
         record,
         page_event_name=page_event_name,
         context_property=context_property,
         forward_ip=forward_ip,
     )
-    calls = [Call("/v2/track", track, message_id, track["event"])]
+    calls = [Call("/v2/track", track, guid, track["event"])]
+    if "anonymous_prefix" not in record and not record.get("user_id"):
+        # Queued before the namespace: its user was marked identified under the bare id.
+        identified = False
     if not identified:
-        guid = str(uuid.uuid5(_GUID_NAMESPACE, f"{message_id}/identify"))
-        calls.insert(0, Call("/v2/identify", {"user_id": track["user_id"]}, guid, "identify"))
+        identify_guid = record.get("identify_guid") or str(
+            uuid.uuid5(_GUID_NAMESPACE, f"{record['message_id']}/identify")
+        )
+        identify = Call("/v2/identify", {"user_id": track["user_id"]}, identify_guid, "identify")
+        calls.insert(0, identify)
     return calls
 
 
@@ -232,7 +258,7 @@ class HttpOutbound:
                 self._headers.update(credentials)
 
     def __repr__(self) -> str:
-        return f"HttpOutbound({self._base_url!r})"
+        return f"HttpOutbound({redact_url(self._base_url)!r})"
 
     def _open(self) -> aiohttp.ClientSession:
         # Made on first use, on the loop that runs the relay: a session belongs to one loop.
@@ -305,11 +331,18 @@ async def _read_detail(response: aiohttp.ClientResponse) -> bytes:
 
 
 def header_safe_guid(guid: str) -> str:
-    """The GUID as a header value: a message id with characters a header cannot carry (a
-    client chose it) becomes a UUID derived from it, the same on every retry."""
-    if guid.isascii() and guid.isprintable():
+    """The GUID as a header value, one-to-one: a message id a header would not carry exactly
+    (a line break; a space at either end, which HTTP trims) becomes a UUID derived from it,
+    the same on every retry. New records come with a keyed one (`identity.stamp_ids`)."""
+    if guid_safe(guid):
         return guid
     return str(uuid.uuid5(_GUID_NAMESPACE, guid))
+
+
+def guid_safe(guid: str) -> bool:
+    """Whether a header carries `guid` exactly as it is: printable ASCII, and no space at
+    either end, which HTTP trims (" order-1" would arrive as "order-1")."""
+    return guid.isascii() and guid.isprintable() and guid == guid.strip(" ")
 
 
 class DryRunOutbound:

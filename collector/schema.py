@@ -379,8 +379,11 @@ class EventValidator:
         shape: Shape | None = None,
         *,
         fast: bool = True,
+        page_event_name: str = "pageView",
     ) -> None:
-        """`fast=False` leaves every decision to jsonschema (the bench measures both)."""
+        """`fast=False` leaves every decision to jsonschema (the bench measures both);
+        `page_event_name`: the event pages become, whose schema checks them."""
+        self.page_event_name = page_event_name
         packaged = {name: _packaged_schema(name) for name in _PACKAGED}
         registry: Registry[Any] = Registry().with_resources(
             (schema["$id"], Resource.from_contents(schema)) for schema in packaged.values()
@@ -435,7 +438,9 @@ class EventValidator:
                 if problem is not None:
                     found.append(problem)
         if not found:
-            name = event.get("event")
+            found = fractional_ids(event, kind)
+        if not found:
+            name = self.outbound_name(event)
             properties = event.get("properties", {})
             validator = self._event_schemas.get(name) if isinstance(name, str) else None
             fast = self._fast_events.get(name) if isinstance(name, str) else None
@@ -444,15 +449,59 @@ class EventValidator:
                     found.extend(describe(error, ("properties",)))
         return _deduplicated(found) if found else found
 
+    def outbound_name(self, event: dict[str, Any]) -> str | None:
+        """The name of the Outbound event this becomes: a track's own, `page_event_name` for
+        a page; None for an identify, which is no named event."""
+        kind = event.get("type", "track")
+        if kind == "page":
+            return self.page_event_name
+        name = event.get("event")
+        return name if kind == "track" and isinstance(name, str) else None
+
     def registry_problems(
         self, event: dict[str, Any], *, server: bool, unknown: str
     ) -> list[Problem]:
-        """Whether this sender may send an event of this name (tracks only)."""
-        name = event.get("event")
-        if event.get("type", "track") != "track" or not isinstance(name, str):
+        """Whether this sender may send the Outbound event this becomes (tracks and pages)."""
+        name = self.outbound_name(event)
+        if name is None:
             return []
+        where, what = (
+            ("/type", f"{name!r} (a page view)")
+            if "event" not in event
+            else (
+                "/event",
+                repr(name),
+            )
+        )
         if name in self.server_only and not server:
-            return [Problem("/event", f"{name!r} may only be sent with a server token")]
+            return [Problem(where, f"{what} may only be sent with a server token")]
         if unknown == "reject" and self._event_schemas and name not in self._event_schemas:
-            return [Problem("/event", f"{name!r} is not a known event (no schema in schemas_dir)")]
+            return [Problem(where, f"{what} is not a known event (no schema in schemas_dir)")]
         return []
+
+
+# Ids Outbound stores as text: 42 becomes "42", but 42.0 would become "42.0", another id.
+_ID_FIELDS: dict[Kind, tuple[tuple[str, ...], ...]] = {
+    "event": (("user_id",), ("traits", "group_id")),
+    "outbound_track": (("user_id",),),
+    "outbound_identify": (("user_id",), ("previous_id",), ("group_id",)),
+}
+
+
+def fractional_ids(event: dict[str, Any], kind: Kind) -> list[Problem]:
+    """A problem for each id sent as a number with a fraction or an exponent (JSON Schema's
+    "integer" takes 42.0): refused rather than sent on as "42.0"."""
+    problems = []
+    for path in _ID_FIELDS[kind]:
+        value: object = event
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, float):
+            problems.append(
+                Problem(
+                    pointer(path),
+                    f"must be a string or a whole number written without a fraction or an "
+                    f"exponent, not {value!r} (Outbound would store it as {str(value)!r})",
+                )
+            )
+    return problems

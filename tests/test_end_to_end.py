@@ -88,7 +88,7 @@ async def test_identify_with_anonymous_id_becomes_alias_then_track(
     assert status == 202
     identify, track = await fake.wait_for(2)
     assert identify.endpoint == "identify"
-    assert identify.body == {"user_id": "u9", "previous_id": "anon-1", "email": "a@b.c"}
+    assert identify.body == {"user_id": "u9", "previous_id": "anon:anon-1", "email": "a@b.c"}
     assert (track.endpoint, track.body["user_id"], track.body["event"]) == (
         "track",
         "u9",
@@ -113,7 +113,7 @@ async def test_page_view_becomes_track_of_page_event_name(
     status, _, _ = await collector.post("/e", page, headers={"User-Agent": "TestAgent/1"})
     assert status == 202
     _, track = await fake.wait_for(2)
-    assert track.body["user_id"] == "anon-7"
+    assert track.body["user_id"] == "anon:anon-7"  # anonymous ids have a namespace of their own
     assert track.body["event"] == "Viewed page"
     properties = track.body["properties"]
     assert properties["url"] == "https://shop.example/a?b=1"

@@ -175,7 +175,11 @@ async def test_valid_hash_identifies_and_aliases(guarded: Collector, fake: FakeO
     status, answer, _ = await guarded.post("/e", identify)
     assert (status, answer) == (202, {"accepted": 1, "rejected": []})
     [received] = await fake.wait_for(1)
-    assert received.body == {"user_id": "u42", "previous_id": "anon-9", "email": "u42@example.com"}
+    assert received.body == {
+        "user_id": "u42",
+        "previous_id": "anon:anon-9",
+        "email": "u42@example.com",
+    }
 
 
 @pytest.mark.parametrize(

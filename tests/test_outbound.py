@@ -40,7 +40,8 @@ def record(**fields: Any) -> dict[str, Any]:
         "type": "track",
         "message_id": "m1",
         "user_id": None,
-        "anonymous_id": "anon",
+        "anonymous_id": "anon:a1",  # as ingest stores it: in the anonymous namespace
+        "anonymous_prefix": "anon:",
         "event": "clicked",
         "properties": {},
         "traits": {},
@@ -69,7 +70,7 @@ def bodies(
         (
             record(),
             True,
-            [("/v2/track", {"user_id": "anon", "event": "clicked", "timestamp": 1529366403})],
+            [("/v2/track", {"user_id": "anon:a1", "event": "clicked", "timestamp": 1529366403})],
         ),
         (
             record(user_id="u1", properties={"a": {"b": 1}}),
@@ -90,7 +91,7 @@ def bodies(
         (
             record(type="identify", user_id="u1", event=None),
             False,
-            [("/v2/identify", {"user_id": "u1", "previous_id": "anon"})],
+            [("/v2/identify", {"user_id": "u1", "previous_id": "anon:a1"})],
         ),
         (
             record(type="identify", event=None, traits={"first_name": "Jane", "plan": "gold"}),
@@ -98,7 +99,7 @@ def bodies(
             [
                 (
                     "/v2/identify",
-                    {"user_id": "anon", "first_name": "Jane", "attributes": {"plan": "gold"}},
+                    {"user_id": "anon:a1", "first_name": "Jane", "attributes": {"plan": "gold"}},
                 )
             ],
         ),
@@ -125,7 +126,7 @@ def bodies(
                 (
                     "/v2/track",
                     {
-                        "user_id": "anon",
+                        "user_id": "anon:a1",
                         "event": "pageView",
                         "timestamp": 1529366403,
                         "properties": {"url": "https://a.example/p", "path": "/p", "variant": "b"},
