@@ -95,7 +95,7 @@ class Queue(Protocol):
     async def stats(self) -> QueueStats: ...
 
     async def probe(self, now: float) -> bool:
-        """Try a small real write; True when the queue can store events again."""
+        """Try a real write of a realistic size; True when the queue can store events again."""
 
     async def note(self, key: str, value: object) -> None:
         """Keep a small fact (like the relay's state) for tools that read the data directory."""
@@ -192,6 +192,8 @@ _INSERT_EVENT = (
 _REMEMBER = "INSERT OR IGNORE INTO received (message_id, received_at) VALUES (?, ?)"
 BUSY_TIMEOUT = 5.0  # seconds to wait for another connection's write lock
 LOCK_POLL = 0.001  # seconds between tries while a connection that does not say when holds it
+# The least a probe writes: a full batch of the script (under its 64 KiB keepalive quota).
+PROBE_BYTES = 64 * 1024
 _ID_CHUNK = 500  # message ids looked up per statement, well below SQLite's variable limit
 Row = tuple[str, str, float, bytes]
 
@@ -413,7 +415,8 @@ class SQLiteQueue:
         self._connection: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._healthy = True
+        self._healthy = True  # the last commit that stored something went through
+        self._failed_bytes = 0  # what the puts of the last failed commit held
         self._lock_descriptor: int | None = None
         self.damaged: str | None = None  # what SQLite said when it found the file corrupt
         self.commits = 0
@@ -599,6 +602,8 @@ class SQLiteQueue:
                     )
             except Exception as error:
                 self._healthy, self.last_error = False, f"{type(error).__name__}: {error}"
+                if puts:  # what a probe must be able to write before it says "healthy"
+                    self._failed_bytes = sum(size for _, size, _ in puts)
                 if damage(error):
                     self.damaged = f"{self.path} is damaged ({error})"
                 failure = QueueUnavailable(self.last_error)
@@ -816,14 +821,21 @@ class SQLiteQueue:
         await self._submit(move)
 
     async def probe(self, now: float) -> bool:
-        """Try a small real write; True when the queue can store events again."""
+        """Try a real write as large as the puts that last failed (PROBE_BYTES at least);
+        True when the queue can store events again."""
+        # A failed transaction leaves room behind it (log frames past the last commit, pages
+        # it had allocated): a small write fits there on a disk that is still full.
+        size = max(PROBE_BYTES, self._failed_bytes)
         with contextlib.suppress(QueueUnavailable):
             await self._submit(
                 lambda c: c.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('probed_at', ?)", (now,)
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', randomblob(?))",
+                    (size,),
                 ),
                 stores=True,
             )
+            # Committed apart: deleted in the same transaction, its pages need not be written.
+            await self._submit(lambda c: c.execute("DELETE FROM meta WHERE key = 'probe'"))
         return self._healthy
 
     async def note(self, key: str, value: object) -> None:
@@ -836,7 +848,7 @@ class SQLiteQueue:
 
     async def notes(self) -> dict[str, Any]:
         rows = await self._submit(
-            lambda c: c.execute("SELECT key, value FROM meta WHERE key != 'probed_at'").fetchall()
+            lambda c: c.execute("SELECT key, value FROM meta WHERE key != 'probe'").fetchall()
         )
         return {key: orjson.loads(value) for key, value in rows}
 

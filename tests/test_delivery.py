@@ -436,3 +436,36 @@ async def test_a_404_for_one_event_among_delivered_ones_dead_letters_it(
 
     await eventually(dead_lettered)
     assert not collector.relay.breaker.is_open
+
+
+async def test_readyz_stays_not_ready_while_the_disk_is_full(
+    start_collector: StartCollector, fake: FakeOutbound, tiny_disk: Path
+) -> None:
+    # A failed transaction leaves room behind it (log frames past the last commit): a probe
+    # must write as much as the writes that failed, or it fits there and says "ready".
+    filler = tiny_disk / "filler"
+    filler.write_bytes(b"\0" * 4 * 1024 * 1024)
+    fake.always = Fault(503)
+    collector = await start_collector(data_dir=tiny_disk / "data", breaker_threshold=1)
+    event = {**SEED_EVENT, "properties": {f"part{n}": "x" * 5_000 for n in range(4)}}
+    for i in range(2000):
+        status, _, _ = await collector.post("/e", {**event, "message_id": f"m{i}"})
+        if status != 202:
+            break
+    assert status == 503
+    for _ in range(3):
+        status, answer, _ = await collector.get("/readyz")
+        assert status == 503
+        assert "queue: cannot store events (the last write failed)" in answer["problems"]
+        refused, _, _ = await collector.post("/e", {**event, "message_id": "still-full"})
+        assert refused == 503  # what /readyz said holds for a real write
+
+    filler.unlink()  # space comes back: the probe alone makes it ready again
+    fake.always = None
+
+    async def ready() -> bool:
+        status, _, _ = await collector.get("/readyz")
+        return status == 200
+
+    await eventually(ready)
+    assert (await collector.post("/e", {**event, "message_id": "after"}))[0] == 202
