@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import tempfile
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -138,13 +137,19 @@ def ids_key(data_dir: Path) -> Secret:
 
 
 def _keyed(key: Secret, purpose: str, text: str) -> bytes:
-    return hmac.digest(key.reveal().encode(), f"{purpose}\0{text}".encode(), "sha256")
+    """A 16-byte MAC of `text` for one purpose: keyed BLAKE2b, under half HMAC-SHA256's cost."""
+    data = f"{purpose}\0{text}".encode()
+    return hashlib.blake2b(data, key=key.reveal().encode(), digest_size=16).digest()
 
 
 def keyed_guid(key: Secret, purpose: str, text: str) -> str:
     """A UUID derived from `text` with the server's key: the same every time, and nobody
     without the key can compute it (and so send it first)."""
-    return str(uuid.UUID(bytes=_keyed(key, purpose, text)[:16], version=4))
+    value = bytearray(_keyed(key, purpose, text))
+    value[6] = value[6] & 0x0F | 0x40  # the version and variant bits of a UUIDv4, set by
+    value[8] = value[8] & 0x3F | 0x80  # hand: uuid.UUID costs more than the HMAC itself
+    hex_ = value.hex()
+    return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
 
 
 def stamp_ids(record: Record, *, server: bool, key: Secret, prefix: str) -> None:
@@ -169,7 +174,7 @@ def stamp_ids(record: Record, *, server: bool, key: Secret, prefix: str) -> None
     else:
         user = record.get("user_id")
         visitor = f"user\0{user}" if user is not None else f"anonymous\0{anonymous}"
-        record["dedupe_key"] = f"{message_id}#{_keyed(key, 'scope', visitor)[:16].hex()}"
+        record["dedupe_key"] = f"{message_id}#{_keyed(key, 'scope', visitor).hex()}"
         guid = message_id if guid_safe(message_id) else keyed_guid(key, "message", message_id)
     if guid != message_id:
         record["guid"] = guid
