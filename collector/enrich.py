@@ -13,6 +13,10 @@ from typing import Any
 from .config import IPNetwork
 
 Record = dict[str, Any]
+# The longest an event is believed to have waited on its client (sent_at - timestamp) for the
+# skew correction: beyond it the two client times contradict each other (or it is a
+# back-fill), and correcting by them could give a time decades old or before the epoch.
+MAX_CLIENT_WAIT = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,13 +34,16 @@ def event_time(
     """When the event happened on the server's clock, and whether it had to be clamped.
 
     With both client times, the client's clock error cancels out: the event happened
-    (sent_at - timestamp) before the server received it. A time in the future beyond
-    `tolerance` is clamped to `received_at`; past times are kept, since back-fills are
-    legitimate.
+    (sent_at - timestamp) before the server received it, when that wait is at most
+    MAX_CLIENT_WAIT; a longer one is not believed and the timestamp is taken as sent. A
+    time in the future beyond `tolerance` is clamped to `received_at`; past times are kept,
+    since back-fills are legitimate.
     """
     if timestamp is None:
         return received_at, False
-    when = received_at - (sent_at - timestamp) if sent_at is not None else timestamp
+    when = timestamp
+    if sent_at is not None and sent_at - timestamp <= MAX_CLIENT_WAIT:
+        when = received_at - (sent_at - timestamp)
     if when > received_at + tolerance:
         return received_at, True
     return when, False

@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from collector.enrich import (
+    MAX_CLIENT_WAIT,
     Sender,
     client_ip,
     enrich,
@@ -39,6 +40,19 @@ RECEIVED = 1_700_000_000.0
         # sent before it happened (a broken client): lands in the future, clamped.
         (RECEIVED + 500, RECEIVED, RECEIVED, True),
         (RECEIVED, RECEIVED - 30, RECEIVED + 30, False),  # inside the tolerance after correction
+        # sent_at far ahead of timestamp, both within the schema: the client claims the event
+        # waited decades before it was sent. The correction would give a time before the
+        # epoch or decades old; the timestamp is taken as sent instead.
+        (RECEIVED, 1e11, RECEIVED, False),
+        (RECEIVED - 10, RECEIVED + 86400 * 365 * 80, RECEIVED - 10, False),
+        (0, 1e9, 0, False),  # a client clock at the epoch, a sent_at of 2001: kept as sent
+        (1529366403, 1e11, 1529366403, False),  # a back-fill with an absurd sent_at
+        (RECEIVED + 86400 * 365, 1e11, RECEIVED, True),  # as sent, then the future clamp
+        # The longest wait the correction is believed for, and just past it.
+        (RECEIVED - 5, RECEIVED - 5 + MAX_CLIENT_WAIT, RECEIVED - MAX_CLIENT_WAIT, False),
+        (RECEIVED - 5, RECEIVED - 4 + MAX_CLIENT_WAIT, RECEIVED - 5, False),
+        # A back-fill from a server with a right clock: the same either way.
+        (1529366403, RECEIVED, 1529366403, False),
     ],
 )
 def test_event_time(
