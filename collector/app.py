@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -137,18 +136,13 @@ async def get_metrics(request: web.Request) -> web.Response:
         presented = bearer_token(request.headers.get("Authorization")) or ""
         if not token_matches((settings.metrics_token,), presented):
             raise web.HTTPUnauthorized(text="the metrics token is required")
-    elif not _loopback(request.remote):
+    elif not ingest.from_loopback(request, settings):
+        # The client as resolved through trusted_proxies: behind nginx, the socket peer is
+        # loopback for everyone.
         raise web.HTTPForbidden(text="set metrics_token to scrape from another host")
     stats = await request.app[QUEUE].stats()
     metrics.queue_stats = (stats.depth, stats.oldest_received_at, stats.dead_letters)
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def _loopback(address: str | None) -> bool:
-    try:
-        return address is not None and ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 async def get_asset(request: web.Request) -> web.Response:
@@ -220,7 +214,7 @@ def create_app(settings: Settings) -> web.Application:
     app[IP_LIMITER] = RateLimiter(settings.rate_limit_per_ip, settings.rate_burst_per_ip)
     app[USER_LIMITER] = RateLimiter(settings.rate_limit_per_user, settings.rate_burst_per_user)
     app[METRICS] = Metrics()
-    app[DEBUG_HUB] = DebugHub()
+    app[DEBUG_HUB] = DebugHub(settings.max_live_viewers)
     app[SCRIPT] = Script.packaged(settings.event_path, settings.script_path)
     app.cleanup_ctx.append(quiet_malformed_requests)
     app.cleanup_ctx.append(ids_key_context)

@@ -254,6 +254,20 @@ def _header_secret(raw: object) -> Secret | None:
     return Secret(value) if value else None
 
 
+TOKEN_MIN = 16
+
+
+def _token(raw: object) -> Secret | None:
+    """A bearer token people type or paste: long enough that guessing it is hopeless."""
+    value = _text(raw)
+    if value and len(value) < TOKEN_MIN:
+        raise ValueError(
+            f"must be at least {TOKEN_MIN} characters long, this one has {len(value)} (make "
+            "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        )
+    return Secret(value) if value else None
+
+
 def _secrets(raw: object) -> tuple[Secret, ...]:
     values = _items(raw)
     if any(len(value) < 16 for value in values):
@@ -521,20 +535,26 @@ class Settings:
     )
     metrics_token: Secret | None = setting(
         None,
-        _secret,
+        _token,
         "Bearer token for GET /metrics; unset: /metrics answers only loopback clients.",
         flag=False,
     )
     admin_token: Secret | None = setting(
         None,
-        _secret,
+        _token,
         "Token that opens the live debugger at /debug; unset: no debugger.",
         flag=False,
     )
     demo: str = setting(
         "auto",
         _choice("auto", "on", "off"),
-        "The demo page at /demo: auto is on while no allowed_origins are set.",
+        "The demo page at /demo: auto is on while no allowed_origins are set, for loopback "
+        "clients only; on shows it to anyone.",
+    )
+    max_live_viewers: int = setting(
+        16,
+        _integer(1, 1000),
+        "Most live views open at once, each of /debug and /demo (503 beyond).",
     )
 
     @property

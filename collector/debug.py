@@ -3,28 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import ipaddress
 import logging
+import time
+from http.cookies import SimpleCookie
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from .config import Settings
-from .ingest import BROKEN_STREAM
+from .ingest import BROKEN_STREAM, client_address, from_loopback
 from .keys import DEBUG_HUB, SETTINGS
-from .live import CLOSE
+from .limits import RateLimiter, retry_after
+from .live import CLOSE, ViewersFull, Wanted
+from .logs import clip
 from .script import static_file
 
 log = logging.getLogger("collector.debug")
 
 COOKIE = "collector_admin"
+# Comments every so often keep proxies from closing a quiet stream; between them the
+# stream looks every POLL seconds whether its client is still there.
 HEARTBEAT = 15.0
+POLL = 1.0
 NOTICE_MARK = b"{{NOTICE}}"
 # Shown after a failed try (the redirect adds ?wrong=1); never with what was typed.
 WRONG_TOKEN = (
     b'<p class="error" role="alert">That is not the admin token. Check '
     b"<code>COLLECTOR_ADMIN_TOKEN</code> on the server and try again.</p>"
+)
+# Wrong tries of the admin token per client address: 5 at once, then one every 6 seconds.
+LOGIN_RATE, LOGIN_BURST = 1 / 6, 5
+LOGIN_LIMITER = web.AppKey("login_limiter", RateLimiter)
+# The debugger and the demo are never framed (clickjacking) and run only their own scripts;
+# the demo's page has inline scripts and handlers of its own, and loads the collector's script.
+NOT_FRAMED = {"X-Frame-Options": "DENY"}
+DEBUG_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+DEMO_CSP = (
+    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; "
+    "frame-ancestors 'none'"
 )
 
 
@@ -32,15 +56,45 @@ def _page(name: str) -> bytes:
     return static_file(name)
 
 
+def _html(page: bytes, csp: str) -> web.Response:
+    return web.Response(
+        body=page,
+        content_type="text/html",
+        charset="utf-8",
+        headers={**NOT_FRAMED, "Content-Security-Policy": csp, "Cache-Control": "no-store"},
+    )
+
+
+def cookie_value(token: str) -> str:
+    """What the admin cookie holds: derived from the token, so that a cookie seen (in a
+    browser's storage, a proxy's log) is not the token itself, which also opens the
+    debugger by header and may be used elsewhere."""
+    return hmac.new(token.encode(), b"outbound-collector admin cookie", hashlib.sha256).hexdigest()
+
+
 def _admin(request: web.Request, settings: Settings) -> bool:
     token = settings.admin_token
     if token is None:
         raise web.HTTPNotFound()
-    presented = request.cookies.get(COOKIE, "")
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
-        presented = header[7:].strip()
-    return hmac.compare_digest(token.reveal().encode(), presented.encode())
+        return hmac.compare_digest(token.reveal().encode(), header[7:].strip().encode())
+    presented = request.cookies.get(COOKIE, "")
+    return hmac.compare_digest(cookie_value(token.reveal()).encode(), presented.encode())
+
+
+def _over_https(request: web.Request, settings: Settings) -> bool:
+    """Whether the browser reached this over https: directly, or through a trusted proxy
+    that says so (X-Forwarded-Proto), as nginx terminating TLS does."""
+    if request.secure:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip().lower()
+    try:
+        peer = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    trusted = any(peer.version == net.version and peer in net for net in settings.trusted_proxies)
+    return trusted and proto == "https"
 
 
 async def get_debug(request: web.Request) -> web.Response:
@@ -50,7 +104,7 @@ async def get_debug(request: web.Request) -> web.Response:
     else:
         notice = WRONG_TOKEN if "wrong" in request.query else b""
         page = _page("login.html").replace(NOTICE_MARK, notice)
-    return web.Response(body=page, content_type="text/html", charset="utf-8")
+    return _html(page, DEBUG_CSP)
 
 
 async def post_debug_login(request: web.Request) -> web.Response:
@@ -68,56 +122,116 @@ async def post_debug_login(request: web.Request) -> web.Response:
         return refused
     token = settings.admin_token
     assert token is not None
+    address = client_address(request, settings)
+    tries, now = request.app[LOGIN_LIMITER], time.monotonic()
+    wait = tries.wait({str(address): 1}, now)
+    if wait:
+        raise web.HTTPTooManyRequests(
+            text="too many tries of the admin token; wait and try again",
+            headers={"Retry-After": retry_after(wait)},
+        )
+    # Relative, so that behind a path prefix (/c/debug/login) it leads back to /c/debug.
     if not hmac.compare_digest(token.reveal().encode(), str(form.get("token", "")).encode()):
-        log.warning("debugger: a wrong admin token was tried from %s", request.remote)
-        raise web.HTTPFound("/debug?wrong=1")
-    response = web.HTTPFound("/debug")
-    response.set_cookie(COOKIE, token.reveal(), httponly=True, samesite="Strict", path="/debug")
+        tries.take({str(address): 1}, now)
+        log.warning("debugger: a wrong admin token was tried from %s", clip(address))
+        raise web.HTTPFound("../debug?wrong=1")
+    response = web.HTTPFound("../debug")
+    # No Path: the browser scopes the cookie to this URL's directory, /debug, or /c/debug
+    # behind a prefix, whichever the browser sees. SameSite=Strict always, Secure over https.
+    cookie: SimpleCookie = SimpleCookie()
+    cookie[COOKIE] = cookie_value(token.reveal())
+    cookie[COOKIE]["httponly"] = True
+    cookie[COOKIE]["samesite"] = "Strict"
+    cookie[COOKIE]["secure"] = _over_https(request, settings)
+    response.headers.add("Set-Cookie", cookie[COOKIE].OutputString())
     raise response
 
 
 async def get_debug_events(request: web.Request) -> web.StreamResponse:
     if not _admin(request, request.app[SETTINGS]):
         raise web.HTTPUnauthorized(text="the admin token is required")
-    return await _stream(request, lambda item: True)
+    return await _stream(request, lambda item: True, "debug")
+
+
+def _demo_shown(request: web.Request) -> None:
+    """With `demo = "auto"` the demo answers loopback clients only (as resolved through
+    trusted_proxies: behind nginx every socket peer is loopback); `"on"`: everyone."""
+    settings = request.app[SETTINGS]
+    if settings.demo != "on" and not from_loopback(request, settings):
+        raise web.HTTPForbidden(
+            text='the demo answers this machine only; set demo = "on" to show it to others'
+        )
 
 
 async def get_demo(request: web.Request) -> web.Response:
+    _demo_shown(request)
     page = _page("demo.html").replace(
         b"{{SCRIPT_PATH}}", request.app[SETTINGS].script_path.encode()
     )
-    return web.Response(body=page, content_type="text/html", charset="utf-8")
+    return _html(page, DEMO_CSP)
 
 
 async def get_demo_events(request: web.Request) -> web.StreamResponse:
     """The demo's live view: only the events of the viewer's own anonymous id."""
+    _demo_shown(request)
     mine = request.query.get("aid", "")
     if not mine:
         raise web.HTTPBadRequest(text="aid is required")
-    return await _stream(request, lambda item: item.get("anonymous_id") == mine)
+    return await _stream(request, lambda item: item.get("anonymous_id") == mine, "demo")
 
 
-async def _stream(request: web.Request, wanted: Any) -> web.StreamResponse:
-    """Server-sent events of the hub, one JSON object each, with heartbeats."""
+async def _stream(request: web.Request, wanted: Wanted, kind: str) -> web.StreamResponse:
+    """Server-sent events of the hub's items that `wanted` says yes to; 503 when as many
+    viewers of this kind watch as may."""
+    hub = request.app[DEBUG_HUB]
+    try:
+        with hub.viewer(wanted, kind=kind) as viewer:
+            return await _events(request, viewer)
+    except ViewersFull:
+        raise web.HTTPServiceUnavailable(
+            text=f"{hub.max_viewers} live views are open already; try again later",
+            headers={"Retry-After": "30"},
+        ) from None
+
+
+async def _events(
+    request: web.Request, viewer: asyncio.Queue[dict[str, Any]]
+) -> web.StreamResponse:
+    """One JSON object an event, with heartbeats; it ends within POLL seconds of its client
+    leaving, and a write to a client that has left ends it quietly."""
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
     )
     await response.prepare(request)
-    with request.app[DEBUG_HUB].viewer() as viewer:
-        while True:
-            try:
-                item = await asyncio.wait_for(viewer.get(), HEARTBEAT)
-            except TimeoutError:
-                await response.write(b": heartbeat\n\n")
+    quiet_since = time.monotonic()
+    while _connected(request):
+        try:
+            item: dict[str, Any] | None = await asyncio.wait_for(viewer.get(), POLL)
+        except TimeoutError:
+            if time.monotonic() - quiet_since < HEARTBEAT:
                 continue
-            if item is CLOSE:
-                break
-            if wanted(item):
-                try:
-                    await response.write(b"data: " + orjson.dumps(item) + b"\n\n")
-                except ConnectionResetError:
-                    break
+            item = None
+        if item is CLOSE:
+            break
+        data = b": heartbeat\n\n" if item is None else b"data: " + orjson.dumps(item) + b"\n\n"
+        if not await _sent(response, data):
+            break
+        quiet_since = time.monotonic()
     return response
+
+
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
+
+
+async def _sent(response: web.StreamResponse, data: bytes) -> bool:
+    """Write to a stream; False when its client has gone (which is no error of ours)."""
+    try:
+        await response.write(data)
+    except (ConnectionError, RuntimeError):
+        return False
+    return True
 
 
 def demo_enabled(settings: Settings) -> bool:
@@ -128,7 +242,9 @@ def demo_enabled(settings: Settings) -> bool:
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:
+    """The debugger's routes when an admin token is set, the demo's when it is on."""
     if settings.admin_token is not None:
+        app[LOGIN_LIMITER] = RateLimiter(LOGIN_RATE, LOGIN_BURST)
         app.router.add_get("/debug", get_debug)
         app.router.add_post("/debug/login", post_debug_login)
         app.router.add_get("/debug/events", get_debug_events)

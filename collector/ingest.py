@@ -350,6 +350,23 @@ def is_server(request: web.Request, settings: Settings) -> bool:
     return False
 
 
+def client_address(request: web.Request, settings: Settings) -> str | None:
+    """The client's address as resolved through `trusted_proxies` (behind nginx the socket
+    peer is always loopback): what rate limits, logs and "loopback only" go by."""
+    return client_ip(
+        request.remote, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
+    )
+
+
+def from_loopback(request: web.Request, settings: Settings) -> bool:
+    """Whether the client, as resolved through `trusted_proxies`, is on this machine."""
+    address = client_address(request, settings)
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 def sender_of(request: web.Request, settings: Settings, ip: str | None) -> Sender:
     """What the server knows of the sender; the IP as stored (truncated unless configured)."""
     return Sender(
@@ -555,13 +572,12 @@ async def store(app: web.Application, verdicts: Verdicts) -> web.Response:
             duplicates = await app[QUEUE].put(verdicts.records)
             if duplicates:
                 app[METRICS].duplicates.inc(duplicates)
-        except QueueFull as error:
-            log.warning("queue refused %d events: %s", len(verdicts.records), error)
+        # The queue logs its refusals (counted while they repeat, as on a full disk).
+        except QueueFull:
             return error_response(
                 503, "the queue is full; nothing was stored, retry later", _RETRY_LATER
             )
-        except QueueUnavailable as error:
-            log.error("queue refused %d events: %s", len(verdicts.records), error)
+        except QueueUnavailable:
             return error_response(
                 503,
                 "events cannot be stored right now; nothing was stored, retry later",
@@ -601,9 +617,7 @@ async def _answer(
 ) -> web.Response:
     """Who sends, what they sent, what became of each event: the whole of one request."""
     settings, metrics, hub = app[SETTINGS], app[METRICS], app[DEBUG_HUB]
-    ip = client_ip(
-        request.remote, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
-    )
+    ip = client_address(request, settings)
     # Browsers pay for what they send before anything costly is done with it: an IP whose
     # bucket is empty is refused before its body is read, and every event received and
     # every byte read is charged before validation, so invalid input is not free.

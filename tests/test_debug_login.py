@@ -32,7 +32,7 @@ async def served(start_collector: StartCollector) -> Collector:
 async def test_a_wrong_token_is_said_to_be_wrong(browser: Browser, served: Collector) -> None:
     page = await browser.new_page()
     await page.goto(served.url("/debug"))
-    form = page.locator("form[action='/debug/login']")
+    form = page.locator("form[action='debug/login']")
     await form.wait_for()
     assert await page.get_by_role("alert").count() == 0  # nothing is wrong yet
 
