@@ -32,7 +32,11 @@ async def proxied(
     start_collector: StartCollector, tmp_path: Path
 ) -> AsyncIterator[tuple[str, Collector]]:
     """The collector behind nginx with the documented location block, both on loopback."""
+    port = free_port()
     collector = await start_collector(
+        # The site's pages and the collector share nginx's origin: the collector's own, which
+        # it learns from public_url (never from the Host header nginx passes on).
+        public_url=f"http://127.0.0.1:{port}/c",
         trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
         forward_ip="full",
         allowed_origins=("https://www.example.com",),
@@ -40,7 +44,6 @@ async def proxied(
     )
     documented = (DEPLOY / "nginx-collector.conf").read_text()
     location = documented.replace("127.0.0.1:8080", f"127.0.0.1:{collector.port}")
-    port = free_port()
     (tmp_path / "logs").mkdir()
     config = tmp_path / "nginx.conf"
     config.write_text(
