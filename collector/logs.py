@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import re
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
@@ -37,6 +41,7 @@ class RequestIdFilter(logging.Filter):
 CLIP = 120
 MAX_LINE = 2000
 MAX_LINES_PER_REQUEST = 20
+REPEAT_INTERVAL = 60.0  # seconds between the counts of a line that repeats
 _LINES: ContextVar[list[int] | None] = ContextVar("lines_of_request", default=None)
 
 
@@ -71,6 +76,67 @@ class BoundedLines(logging.Filter):
         if len(message) > MAX_LINE or not message.isprintable():
             record.msg, record.args = clip(message, MAX_LINE), None
         return True
+
+
+@dataclass(slots=True)
+class _Window:
+    ends: float
+    count: int = 0  # lines held back since the window began
+    level: int = logging.INFO
+    latest: str = ""  # the last of them, as it would have been written
+
+
+class Repeats:
+    """A line that can repeat many times a second (every request refused on a full disk,
+    every poll of a relay that cannot claim): the first is written, then at most one line
+    an `interval` says how many more there were, so that the log does not fill the disk
+    that is already full. Lines with a different `key` are counted apart."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = REPEAT_INTERVAL,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+
+    def log(self, level: int, key: str, message: str, *args: object) -> None:
+        """Write `message % args` unless a line of this `key` was written within the interval."""
+        now = self._clock()
+        window = self._windows.get(key)
+        if window is not None and now >= window.ends:
+            self._flush(key, window)  # no event loop ran its timer
+            window = self._windows.get(key)
+        if window is None:
+            self._logger.log(level, message, *args)
+            self._open(key, now)
+            return
+        window.count += 1
+        window.level, window.latest = level, message % args if args else message
+
+    def _open(self, key: str, now: float) -> None:
+        window = self._windows[key] = _Window(now + self._interval)
+        with contextlib.suppress(RuntimeError):  # outside an event loop, the next line flushes
+            asyncio.get_running_loop().call_later(self._interval, self._flush, key, window)
+
+    def _flush(self, key: str, window: _Window) -> None:
+        """`window` of `key` is over: say how many lines it held back, if any."""
+        if self._windows.get(key) is not window:
+            return  # flushed already
+        del self._windows[key]
+        if window.count:
+            self._logger.log(
+                window.level,
+                "%s (and %d more like it in the last %g s)",
+                window.latest,
+                window.count,
+                self._interval,
+            )
+            self._open(key, self._clock())  # while they go on, one count an interval
 
 
 class JsonLines(logging.Formatter):

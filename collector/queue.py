@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import struct
@@ -19,7 +20,9 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from .enrich import Record
+from .logs import Repeats
 
+log = logging.getLogger("collector.queue")
 T = TypeVar("T")
 
 
@@ -423,6 +426,7 @@ class SQLiteQueue:
         self.stored = 0
         self.duplicates = 0
         self.last_error: str | None = None
+        self._refusals = Repeats(log)
 
     @property
     def healthy(self) -> bool:
@@ -669,9 +673,20 @@ class SQLiteQueue:
             kept = list(reversed({r["message_id"]: r for r in reversed(records)}.values()))
         rows = [(user_key(r), r["message_id"], r["received_at"], orjson.dumps(r)) for r in kept]
         size = sum(len(row[3]) for row in rows)
-        duplicates: int = await self._next_commit(self._puts, rows, size)
+        try:
+            duplicates: int = await self._next_commit(self._puts, rows, size)
+        except QueueUnavailable as error:
+            # Every request is refused alike (a full disk): counted, not a line each.
+            self._refusals.log(
+                logging.ERROR, "unavailable", "queue refused %d events: %s", len(records), error
+            )
+            raise
         if duplicates < 0:
-            raise QueueFull(f"the queue is full ({self.depth} events, {self.bytes} bytes)")
+            full = QueueFull(f"the queue is full ({self.depth} events, {self.bytes} bytes)")
+            self._refusals.log(
+                logging.WARNING, "full", "queue refused %d events: %s", len(records), full
+            )
+            raise full
         duplicates += len(records) - len(rows)
         self.stored += len(records) - duplicates
         self.duplicates += duplicates

@@ -15,6 +15,7 @@ from typing import Literal
 from .config import Settings
 from .enrich import Record
 from .live import DebugHub
+from .logs import Repeats
 from .metrics import Metrics
 from .outbound import Answer, Call, Outbound, calls_for, subject
 from .queue import Claimed, Queue, QueueUnavailable
@@ -201,6 +202,7 @@ class Relay:
         self._runner: asyncio.Task[None] | None = None
         self.breaker = Breaker(settings.breaker_threshold, settings.probe_interval)
         self.endpoints = EndpointWatch()
+        self._repeats = Repeats(log)  # lines a full disk would repeat every poll
 
     @property
     def healthy(self) -> bool:
@@ -239,7 +241,12 @@ class Relay:
                 try:
                     claimed = await self._queue.claim(free, now=now, lease=settings.lease_seconds)
                 except QueueUnavailable as error:
-                    log.error("relay cannot claim events (%s); trying again shortly", error)
+                    self._repeats.log(
+                        logging.ERROR,
+                        "claim",
+                        "relay cannot claim events (%s); trying again shortly",
+                        error,
+                    )
             if breaker.is_open and claimed:
                 breaker.probing(now)
             for item in claimed:
@@ -317,7 +324,9 @@ class Relay:
                     "relay", {"circuit": change, "reason": self.breaker.reason, "since": now}
                 )
         except QueueUnavailable as error:
-            log.error(
+            self._repeats.log(
+                logging.ERROR,
+                "outcome",
                 "could not record the outcome for event %s (%s); it goes again after its lease",
                 record["message_id"],
                 error,

@@ -439,7 +439,10 @@ async def test_a_404_for_one_event_among_delivered_ones_dead_letters_it(
 
 
 async def test_readyz_stays_not_ready_while_the_disk_is_full(
-    start_collector: StartCollector, fake: FakeOutbound, tiny_disk: Path
+    start_collector: StartCollector,
+    fake: FakeOutbound,
+    tiny_disk: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A failed transaction leaves room behind it (log frames past the last commit): a probe
     # must write as much as the writes that failed, or it fits there and says "ready".
@@ -459,6 +462,17 @@ async def test_readyz_stays_not_ready_while_the_disk_is_full(
         assert "queue: cannot store events (the last write failed)" in answer["problems"]
         refused, _, _ = await collector.post("/e", {**event, "message_id": "still-full"})
         assert refused == 503  # what /readyz said holds for a real write
+    # Onto the same full disk, the log gets one line of each, not one a request or a poll.
+    for i in range(20):
+        assert (await collector.post("/e", {**event, "message_id": f"again{i}"}))[0] == 503
+    # The first claim since the disk filled (the circuit is open: a probe every 0.3 s).
+    await eventually(lambda: any("relay cannot claim" in r.getMessage() for r in caplog.records))
+    for _ in range(10):  # more claims that fail: 3 s of probes
+        await asyncio.sleep(0.3)
+        collector.relay.wake()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("queue refused" in line for line in lines) == 1
+    assert sum("relay cannot claim" in line for line in lines) == 1
 
     filler.unlink()  # space comes back: the probe alone makes it ready again
     fake.always = None
