@@ -25,6 +25,9 @@ class Fault:
     delay: float = 0.0
     drop: bool = False
     body: str = ""
+    # Take the call (it counts as received), then close the connection without answering:
+    # the caller cannot tell whether Outbound has it.
+    drop_after: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class FakeOutbound:
     always: Fault | None = None
     latency: float = 0.0  # seconds before every answer, faults or not
     tls: ssl.SSLContext | None = None  # serve https with this context's certificate
+    every: tuple[int, Fault] | None = None  # (n, fault): every n-th request gets the fault
     _server: TestServer | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -98,6 +102,12 @@ class FakeOutbound:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         endpoint = request.match_info["endpoint"]
         fault = self.faults.popleft() if self.faults else self.always
+        if (
+            fault is None
+            and self.every is not None
+            and (len(self.attempts) + 1) % self.every[0] == 0
+        ):
+            fault = self.every[1]
         status = fault.status if fault else 200
         self.attempts.append((endpoint, time.time(), status))
         self._changed.set()
@@ -105,7 +115,7 @@ class FakeOutbound:
             await asyncio.sleep(self.latency)
         if request.headers.get("X-Outbound-Key") != self.key:
             return web.Response(status=401, text="invalid api key")
-        if fault is not None:
+        if fault is not None and not fault.drop_after:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
             if fault.drop:
@@ -124,4 +134,7 @@ class FakeOutbound:
             return web.Response(status=400, text="event is required")
         self.received.append(Received(endpoint, body, dict(request.headers), time.time()))
         self._changed.set()
+        if fault is not None and fault.drop_after:
+            assert request.transport is not None
+            request.transport.abort()
         return web.Response(status=200)
