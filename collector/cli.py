@@ -34,7 +34,7 @@ from .config import (
     settings_fields,
     unknown_variables,
 )
-from .deadline import with_header_deadline
+from .deadline import AcceptFailures, ConnectionCap, with_header_deadline
 from .debug import demo_enabled
 from .identity import user_hash
 from .queue import DeadLetterFilter, QueueRefused, SQLiteQueue
@@ -297,7 +297,9 @@ async def _serve(settings: Settings) -> None:
         gc.set_threshold(10_000, 10, 10)
         assert runner.server is not None
         # Not a web.TCPSite: each connection gets the header deadline that aiohttp lacks.
-        handler = with_header_deadline(runner.server, settings.header_timeout)
+        cap = ConnectionCap(settings.max_connections_per_ip, settings.trusted_proxies)
+        handler = with_header_deadline(runner.server, settings.header_timeout, cap)
+        AcceptFailures(asyncio.get_running_loop())
         try:
             await listener.start_serving()
         except OSError as error:  # another process bound the port too, and listened first

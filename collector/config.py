@@ -439,6 +439,12 @@ class Settings:
     keepalive_timeout: float = setting(
         75.0, _seconds, "Seconds an idle keep-alive connection stays open."
     )
+    max_connections_per_ip: int = setting(
+        256,
+        _integer(1),
+        "Most connections open at once from one client address (beyond, they are closed at "
+        "once); trusted_proxies are not capped.",
+    )
     rate_limit_per_ip: float = setting(
         100.0, _rate, "Events per second from one client IP, on average; 0: no limit."
     )
