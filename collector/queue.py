@@ -198,7 +198,7 @@ LOCK_POLL = 0.001  # seconds between tries while a connection that does not say 
 # The least a probe writes: a full batch of the script (under its 64 KiB keepalive quota).
 PROBE_BYTES = 64 * 1024
 _ID_CHUNK = 500  # message ids looked up per statement, well below SQLite's variable limit
-Row = tuple[str, str, float, bytes]
+Row = tuple[str, str, float, bytes, str]  # user, message id, received_at, body, dedupe key
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -260,6 +260,12 @@ def damage(error: BaseException) -> bool:
     """Whether an SQLite error says the file is corrupt or not a database."""
     code = getattr(error, "sqlite_errorcode", 0) & 0xFF
     return code in {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+
+
+def dedupe_key(record: Record) -> str:
+    """What a resend is known by: the key ingest scoped to its sender (identity.stamp_ids),
+    else the message id (records of other writers, and server tokens' events)."""
+    return str(record.get("dedupe_key") or record["message_id"])
 
 
 def user_key(record: Record) -> str:
@@ -670,8 +676,11 @@ class SQLiteQueue:
         # commit with a few statements, so that it hardly needs the interpreter.
         kept = records
         if self._dedupe_window > 0:  # a message id twice in one put: keep the first
-            kept = list(reversed({r["message_id"]: r for r in reversed(records)}.values()))
-        rows = [(user_key(r), r["message_id"], r["received_at"], orjson.dumps(r)) for r in kept]
+            kept = list(reversed({dedupe_key(r): r for r in reversed(records)}.values()))
+        rows = [
+            (user_key(r), r["message_id"], r["received_at"], orjson.dumps(r), dedupe_key(r))
+            for r in kept
+        ]
         size = sum(len(row[3]) for row in rows)
         try:
             duplicates: int = await self._next_commit(self._puts, rows, size)
@@ -707,7 +716,7 @@ class SQLiteQueue:
         dedupe = self._dedupe_window > 0
         seen: set[str] = set()
         if dedupe and fitting:
-            ids = [row[1] for _, rows in fitting for row in rows]
+            ids = [row[4] for _, rows in fitting for row in rows]
             for start in range(0, len(ids), _ID_CHUNK):
                 chunk = ids[start : start + _ID_CHUNK]
                 marks = ",".join("?" * len(chunk))
@@ -722,17 +731,17 @@ class SQLiteQueue:
             for row in rows:
                 if not dedupe:
                     fresh.append(row)
-                elif row[1] in seen:
+                elif row[4] in seen:
                     outcomes[index] += 1
                 else:
-                    seen.add(row[1])
+                    seen.add(row[4])
                     fresh.append(row)
         if fresh:
             (last,) = connection.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
-            connection.executemany(_INSERT_EVENT, fresh)
+            connection.executemany(_INSERT_EVENT, [row[:4] for row in fresh])
             connection.execute(_NEW_HEADS, (last,))
             if dedupe:
-                connection.executemany(_REMEMBER, [(row[1], row[2]) for row in fresh])
+                connection.executemany(_REMEMBER, [(row[4], row[2]) for row in fresh])
             self._counted(len(fresh), sum(len(row[3]) for row in fresh))
         now = max((row[2] for row in fresh), default=0.0)
         if dedupe and now - self._pruned_at > min(self._dedupe_window, 60.0):

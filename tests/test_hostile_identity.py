@@ -328,15 +328,6 @@ async def test_the_protected_traits_are_a_setting(
 # -- 3. Dedupe per sender, GUIDs one-to-one and not forgeable ----------------------------------
 
 
-# The queue dedupes on record["message_id"]; it must read record["dedupe_key"] (set by
-# identity.stamp_ids) instead, a change in collector/queue.py asked of its owner. Strict: the
-# mark must go once the queue reads it.
-NEEDS_QUEUE_DEDUPE_KEY = pytest.mark.xfail(
-    reason="collector/queue.py does not read record['dedupe_key'] yet", strict=True
-)
-
-
-@NEEDS_QUEUE_DEDUPE_KEY
 async def test_a_browser_cannot_pre_empt_a_back_ends_message_id(
     guarded: Collector, fake: FakeOutbound
 ) -> None:
@@ -354,7 +345,6 @@ async def test_a_browser_cannot_pre_empt_a_back_ends_message_id(
     assert guids["order"] != guids["fake-order"]  # nor at Outbound's end
 
 
-@NEEDS_QUEUE_DEDUPE_KEY
 async def test_browsers_ids_are_scoped_by_their_visitor(
     guarded: Collector, fake: FakeOutbound
 ) -> None:
