@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .config import Settings
-from .ingest import origin_allowed
+from .ingest import origin_allowed, own_hosts
 from .keys import EVENT_PATHS, SETTINGS
 
 # What a page may read beyond the safelisted headers: when to retry after a 429 or a 503.
@@ -64,11 +64,12 @@ async def _origin_headers(request: web.Request, response: web.StreamResponse) ->
         return
     _vary_on_origin(response)
     origin = request.headers.get("Origin")
+    settings = request.app[SETTINGS]
     if (
         origin is not None
         and response.status == 403
         and request.method == "POST"
-        and not origin_allowed(origin, request.app[SETTINGS].allowed_origins, request.host)
+        and not origin_allowed(origin, settings.allowed_origins, own_hosts(request, settings))
     ):
         # Ingest answers 403 only to refuse an origin, so no other answer becomes readable;
         # aiohttp-cors leaves an origin it does not know alone, so the header is set once.

@@ -487,6 +487,15 @@ async def test_a_refused_origin_can_read_its_403_and_nothing_else(
     status, _, response = await collector.post("/e", {"event": 1}, headers=bearer)
     assert status == 400
     assert "Access-Control-Allow-Origin" not in response.headers
+    # A rebound DNS name pointing at the collector (Host: evil.test) is no origin of its
+    # own: refused, and that page reads its refusal like any other refused page.
+    port = collector.url("/").split(":")[2].split("/")[0]
+    rebound = f"http://evil.test:{port}"
+    status, _, response = await collector.post(
+        "/e", SEED_EVENT, headers={"Origin": rebound, "Host": f"evil.test:{port}"}
+    )
+    assert status == 403
+    assert readable_by(response, rebound)
     # Refused by its Referer alone: no Origin, so no CORS at all.
     status, _, response = await collector.post(
         "/e", SEED_EVENT, headers={"Referer": f"{evil}/page"}
