@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import gc
 import ipaddress
@@ -15,12 +16,12 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from . import __version__, logs
 from .app import QUEUE_FILE, create_app
@@ -42,6 +43,8 @@ from .schema import SchemaDirError, lint_schemas, load_event_schemas
 from .script import Script, snippet
 
 PROG = "outbound-collector"
+# Seconds a request whose headers came before the stop may take to finish (its body).
+STOP_GRACE = 5.0
 log = logging.getLogger("collector")
 
 
@@ -296,6 +299,8 @@ async def _serve(settings: Settings) -> None:
         gc.freeze()
         gc.set_threshold(10_000, 10, 10)
         assert runner.server is not None
+        arriving = Arriving()
+        runner.server.request_handler = arriving.wrap(runner.server.request_handler)
         # Not a web.TCPSite: each connection gets the header deadline that aiohttp lacks.
         cap = ConnectionCap(settings.max_connections_per_ip, settings.trusted_proxies)
         handler = with_header_deadline(runner.server, settings.header_timeout, cap)
@@ -312,10 +317,58 @@ async def _serve(settings: Settings) -> None:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("stopping: no new requests; finishing what is in flight")
+        listener.close()
+        # aiohttp's shutdown drops whatever arrives on a connection from then on, so a body
+        # still arriving would end in a 408 after body_timeout: requests whose headers came
+        # first get a short grace to finish before it starts.
+        if not await arriving.arrived(STOP_GRACE):
+            log.warning(
+                "%d request bodies were still arriving after %g s; they are cut off",
+                arriving.count,
+                STOP_GRACE,
+            )
     finally:
         listener.close()
         if runner is not None:
             await runner.cleanup()
+
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class Arriving:
+    """The requests being handled, so that a stop can wait for the bodies still arriving."""
+
+    def __init__(self) -> None:
+        self._bodies: set[StreamReader] = set()  # of the requests being handled
+
+    def wrap(self, handler: Handler) -> Handler:
+        """`handler`, with each request known from its headers until its answer."""
+
+        async def known(request: web.BaseRequest) -> web.StreamResponse:
+            body = request.content
+            self._bodies.add(body)
+            try:
+                return await handler(request)
+            finally:
+                self._bodies.discard(body)
+
+        return known
+
+    @property
+    def count(self) -> int:
+        """Requests whose body has not all arrived (a stream's GET has none to wait for)."""
+        return sum(not body.is_eof() for body in self._bodies)
+
+    async def arrived(self, within: float) -> bool:
+        """Wait until every body being received is whole, at most `within` seconds."""
+        waits = [body.wait_eof() for body in self._bodies if not body.is_eof()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    # A client that goes away ends its wait too (with an error: no matter).
+                    await asyncio.gather(*waits, return_exceptions=True)
+        return not self.count
 
 
 def _url_host(host: str) -> str:
