@@ -302,7 +302,7 @@ async def _serve(settings: Settings) -> None:
         arriving = Arriving()
         runner.server.request_handler = arriving.wrap(runner.server.request_handler)
         # Not a web.TCPSite: each connection gets the header deadline that aiohttp lacks.
-        cap = ConnectionCap(settings.max_connections_per_ip, settings.trusted_proxies)
+        cap = ConnectionCap(settings.connections_per_ip, settings.trusted_proxies)
         handler = with_header_deadline(runner.server, settings.header_timeout, cap)
         AcceptFailures(asyncio.get_running_loop())
         try:

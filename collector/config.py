@@ -439,7 +439,7 @@ class Settings:
     keepalive_timeout: float = setting(
         75.0, _seconds, "Seconds an idle keep-alive connection stays open."
     )
-    max_connections_per_ip: int = setting(
+    connections_per_ip: int = setting(
         256,
         _integer(1),
         "Most connections open at once from one client address (beyond, they are closed at "

@@ -103,7 +103,7 @@ class AcceptFailures:
             if now - self._logged_at >= self._interval:
                 log.error(
                     "cannot accept connections: %s (%d times since the last such line); "
-                    "raise LimitNOFILE or lower max_connections_per_ip",
+                    "raise LimitNOFILE or lower connections_per_ip",
                     error.strerror,
                     self._count,
                 )

@@ -73,7 +73,7 @@ async def test_a_silent_connection_is_closed_at_the_header_deadline(serve: Start
 
 
 async def test_connections_per_address_are_capped(serve: Start) -> None:
-    server: ServeProcess = await serve("--max-connections-per-ip", "5")
+    server: ServeProcess = await serve("--connections-per-ip", "5")
     host, port = address(server)
     held = [await asyncio.open_connection(host, port) for _ in range(5)]
     await asyncio.sleep(0.2)
@@ -93,7 +93,7 @@ async def test_connections_per_address_are_capped(serve: Start) -> None:
 
 
 async def test_running_out_of_descriptors_is_logged_once_an_interval(serve: Start) -> None:
-    server: ServeProcess = await serve("--max-connections-per-ip", "1000", command=FEW_DESCRIPTORS)
+    server: ServeProcess = await serve("--connections-per-ip", "1000", command=FEW_DESCRIPTORS)
     host, port = address(server)
     held = []
     for _ in range(100):  # more than 64 descriptors' worth
