@@ -16,10 +16,11 @@ from aiohttp import web
 
 from .config import Settings
 from .ingest import BROKEN_STREAM, client_address, from_loopback
-from .keys import DEBUG_HUB, SETTINGS
+from .keys import DEBUG_HUB, QUEUE, SETTINGS
 from .limits import RateLimiter, retry_after
 from .live import CLOSE, ViewersFull, Wanted
 from .logs import clip
+from .queue import Queue
 from .script import static_file
 
 log = logging.getLogger("collector.debug")
@@ -150,7 +151,7 @@ async def post_debug_login(request: web.Request) -> web.Response:
 async def get_debug_events(request: web.Request) -> web.StreamResponse:
     if not _admin(request, request.app[SETTINGS]):
         raise web.HTTPUnauthorized(text="the admin token is required")
-    return await _stream(request, lambda item: True, "debug")
+    return await _stream(request, lambda item: True, "debug", depth=request.app[QUEUE])
 
 
 def _demo_shown(request: web.Request) -> None:
@@ -174,19 +175,23 @@ async def get_demo(request: web.Request) -> web.Response:
 async def get_demo_events(request: web.Request) -> web.StreamResponse:
     """The demo's live view: only the events of the viewer's own anonymous id."""
     _demo_shown(request)
-    mine = request.query.get("aid", "")
-    if not mine:
+    aid = request.query.get("aid", "")
+    if not aid:
         raise web.HTTPBadRequest(text="aid is required")
-    return await _stream(request, lambda item: item.get("anonymous_id") == mine, "demo")
+    # Events carry the id as the page sent it; the relay's calls, as Outbound gets it.
+    mine = {aid, request.app[SETTINGS].anonymous_id_prefix + aid}
+    return await _stream(request, lambda item: item.get("anonymous_id") in mine, "demo")
 
 
-async def _stream(request: web.Request, wanted: Wanted, kind: str) -> web.StreamResponse:
-    """Server-sent events of the hub's items that `wanted` says yes to; 503 when as many
-    viewers of this kind watch as may."""
+async def _stream(
+    request: web.Request, wanted: Wanted, kind: str, depth: Queue | None = None
+) -> web.StreamResponse:
+    """Server-sent events of the hub's items that `wanted` says yes to, and the depth of
+    `depth` each second when given; 503 when as many viewers of this kind watch as may."""
     hub = request.app[DEBUG_HUB]
     try:
         with hub.viewer(wanted, kind=kind) as viewer:
-            return await _events(request, viewer)
+            return await _events(request, viewer, depth)
     except ViewersFull:
         raise web.HTTPServiceUnavailable(
             text=f"{hub.max_viewers} live views are open already; try again later",
@@ -195,7 +200,7 @@ async def _stream(request: web.Request, wanted: Wanted, kind: str) -> web.Stream
 
 
 async def _events(
-    request: web.Request, viewer: asyncio.Queue[dict[str, Any]]
+    request: web.Request, viewer: asyncio.Queue[dict[str, Any]], depth: Queue | None
 ) -> web.StreamResponse:
     """One JSON object an event, with heartbeats; it ends within POLL seconds of its client
     leaving, and a write to a client that has left ends it quietly."""
@@ -203,8 +208,14 @@ async def _events(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
     )
     await response.prepare(request)
-    quiet_since = time.monotonic()
+    quiet_since = ticked = time.monotonic()
     while _connected(request):
+        if depth is not None and time.monotonic() - ticked >= POLL:
+            # The chart's queue line: the depth the queue keeps in memory, no query.
+            ticked = time.monotonic()
+            tick = {"kind": "queue", "at": time.time(), "depth": depth.depth}
+            if not await _sent(response, b"data: " + orjson.dumps(tick) + b"\n\n"):
+                break
         try:
             item: dict[str, Any] | None = await asyncio.wait_for(viewer.get(), POLL)
         except TimeoutError:

@@ -75,6 +75,8 @@ class Queue(Protocol):
     how many events wait, nor on how many lines are leased or in backoff.
     """
 
+    depth: int  # events waiting, as the queue last counted them (no I/O to read it)
+
     async def put(self, records: Sequence[Record]) -> int:
         """Store the records; returns how many were duplicates of recent message ids."""
 
