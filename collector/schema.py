@@ -439,7 +439,9 @@ class EventValidator:
                     found.append(problem)
         if not found:
             found = fractional_ids(event, kind)
-        if not found:
+        # The event's own schema as well, so that one answer names every problem: unless the
+        # properties themselves were found wrong (not an object, too deep or too wide).
+        if not any(p.path == "/properties" or p.path.startswith("/properties/") for p in found):
             name = self.outbound_name(event)
             properties = event.get("properties", {})
             validator = self._event_schemas.get(name) if isinstance(name, str) else None
