@@ -16,7 +16,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 REJECT_REASONS = ("invalid", "too_large", "not_allowed", "unverified_user")  # ingest.judge
 REFUSED_STATUSES = ("400", "401", "403", "408", "413", "415")  # ingest.RequestError
 RELAY_ENDPOINTS = ("/v2/identify", "/v2/track")  # outbound.calls_for
-RELAY_OUTCOMES = ("2xx", "4xx", "5xx", "network")  # relay.Relay._observe
+RELAY_OUTCOMES = ("2xx", "4xx", "5xx", "network", "dry_run")  # relay.relay_outcome
 
 
 class QueueGauges(Collector):

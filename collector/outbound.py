@@ -57,6 +57,7 @@ class Answer:
     status: int | None
     detail: str = ""
     retry_after: float | None = None
+    dry_run: bool = False  # nothing was sent: no key is set
 
     @property
     def ok(self) -> bool:
@@ -352,4 +353,4 @@ class DryRunOutbound:
         size = len(orjson.dumps(call.body))
         log.info("dry run: would POST %s %r (%d bytes)", call.endpoint, call.name, size)
         await asyncio.sleep(0)
-        return Answer(202, "dry run")
+        return Answer(202, "dry run", dry_run=True)

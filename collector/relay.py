@@ -43,6 +43,13 @@ class Decision:
     reason: str = ""
 
 
+def relay_outcome(answer: Answer) -> str:
+    """The `outcome` label of a call: its status class, `network`, or `dry_run` (not sent)."""
+    if answer.dry_run:
+        return "dry_run"
+    return "network" if answer.status is None else f"{answer.status // 100}xx"
+
+
 def decide(
     answer: Answer,
     *,
@@ -333,7 +340,7 @@ class Relay:
             )
 
     def _observe(self, call: Call, answer: Answer, record: Record, seconds: float) -> None:
-        outcome = "network" if answer.status is None else f"{answer.status // 100}xx"
+        outcome = relay_outcome(answer)
         self._metrics.relayed.labels(call.endpoint, outcome).inc()
         self._metrics.relay_latency.labels(call.endpoint).observe(seconds)
         if self._hub.watched:
@@ -344,7 +351,7 @@ class Relay:
                     "anonymous_id": record.get("anonymous_id"),
                     "endpoint": call.endpoint,
                     "body": call.body,
-                    "outcome": "sent" if answer.ok else "failed",
+                    "outcome": "dry_run" if answer.dry_run else "sent" if answer.ok else "failed",
                     "status": answer.status,
                     "detail": answer.detail[:200],
                 }

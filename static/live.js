@@ -234,7 +234,7 @@
     var now = item.at || Date.now() / 1000;
     if (item.kind === "event") {
       bucket(now)[item.status === "rejected" || item.status === "dropped" ? "rejected" : "accepted"] += 1;
-    } else if (item.kind === "call" && item.outcome === "sent") {
+    } else if (item.kind === "call" && (item.outcome === "sent" || item.outcome === "dry_run")) {
       bucket(Date.now() / 1000).relayed += 1;
     } else if (item.kind === "queue" && typeof item.depth === "number") {
       depth.push([Math.floor(now), item.depth]);

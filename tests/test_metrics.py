@@ -157,8 +157,31 @@ async def test_labelled_counters_are_there_at_zero_from_the_start(collector: Col
     for endpoint in ("/v2/identify", "/v2/track"):
         expected += [
             ("collector_relay_calls_total", (("endpoint", endpoint), ("outcome", outcome)))
-            for outcome in ("2xx", "4xx", "5xx", "network")
+            for outcome in ("2xx", "4xx", "5xx", "network", "dry_run")
         ]
         expected.append(("collector_relay_call_seconds_count", (("endpoint", endpoint),)))
     for key in expected:
         assert got.get(key) == 0, key
+
+
+async def test_a_dry_runs_calls_have_their_own_outcome(start_collector: StartCollector) -> None:
+    collector = await start_collector(outbound_api_key=None)
+    assert (await collector.post("/e", SEED_EVENT))[0] == 202
+
+    async def logged() -> bool:
+        _, text, _ = await collector.get("/metrics")
+        track = (("endpoint", "/v2/track"), ("outcome", "dry_run"))
+        return samples(text.decode()).get(("collector_relay_calls_total", track)) == 1
+
+    await eventually(logged)
+    _, text, _ = await collector.get("/metrics")
+    sent = {
+        labels
+        for (name, labels), value in samples(text.decode()).items()
+        if name == "collector_relay_calls_total" and value
+    }
+    # Nothing left the machine: no call is counted as answered by Outbound.
+    assert sent == {
+        (("endpoint", "/v2/identify"), ("outcome", "dry_run")),
+        (("endpoint", "/v2/track"), ("outcome", "dry_run")),
+    }

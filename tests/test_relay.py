@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from collector.outbound import Answer
-from collector.relay import MAX_RETRY_AFTER, Breaker, Decision, EndpointWatch, decide
+from collector.relay import (
+    MAX_RETRY_AFTER,
+    Breaker,
+    Decision,
+    EndpointWatch,
+    decide,
+    relay_outcome,
+)
 
 POLICY = {"base": 1.0, "cap": 300.0, "window": 3600.0}
 
@@ -170,3 +177,17 @@ def test_a_run_of_404_across_events_pauses_and_a_404_after_a_success_stands(
         decision = decide(answer, attempts=0, age=0, jitter=0.5, **POLICY)
         got.append(watch.judge(decision, answer, message_id, held=HELD).action)
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        (Answer(200), "2xx"),
+        (Answer(202, "dry run", dry_run=True), "dry_run"),
+        (Answer(404), "4xx"),
+        (Answer(503), "5xx"),
+        (Answer(None, "timeout"), "network"),
+    ],
+)
+def test_relay_outcome(answer: Answer, outcome: str) -> None:
+    assert relay_outcome(answer) == outcome
