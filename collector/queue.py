@@ -413,6 +413,10 @@ class SQLiteQueue:
         self.bytes = 0
         self.interrupted = 0  # events whose delivery a previous process did not finish
         self._counted_at = 0.0  # when depth and bytes were last counted from the table
+        # Dead letters, kept like depth: counted at open, then in the transactions that add
+        # or remove them, and recounted when another process (`dead-letters`) changed them.
+        self.dead_count = 0
+        self._dead_counted_at = 0.0
         self._synchronous = synchronous.upper()
         self._dedupe_window = dedupe_window
         self._pruned_at = 0.0
@@ -539,7 +543,13 @@ class SQLiteQueue:
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM events"
         ).fetchone()
         self._counted_at = time.time()
+        self._count_dead_letters(connection)
         return connection
+
+    def _count_dead_letters(self, connection: sqlite3.Connection) -> None:
+        """Count the dead letters from their table (at open, and after another process)."""
+        (self.dead_count,) = connection.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        self._dead_counted_at = time.time()
 
     @staticmethod
     def _migrate(connection: sqlite3.Connection) -> None:
@@ -657,7 +667,7 @@ class SQLiteQueue:
     ) -> tuple[list[Any], list[int]]:
         connection = self._connection
         assert connection is not None
-        depth, size = self.depth, self.bytes
+        depth, size, dead = self.depth, self.bytes, self.dead_count
         connection.execute("BEGIN IMMEDIATE")
         try:
             # Acks first: a claim in the same commit must see those users' next events.
@@ -669,7 +679,7 @@ class SQLiteQueue:
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            self.depth, self.bytes = depth, size  # nothing of it happened
+            self.depth, self.bytes, self.dead_count = depth, size, dead  # none of it happened
             raise
         return results, stored
 
@@ -835,13 +845,13 @@ class SQLiteQueue:
         self, event_id: int, *, reason: str, status: int | None, response: str, now: float
     ) -> None:
         def move(connection: sqlite3.Connection) -> None:
-            connection.execute(
+            self.dead_count += connection.execute(
                 "INSERT INTO dead_letters (message_id, user_key, received_at, failed_at,"
                 " attempts, reason, status, response, body)"
                 " SELECT message_id, user_key, received_at, ?, attempts + 1, ?, ?, ?, body"
                 " FROM events WHERE id = ?",
                 (now, reason, status, response, event_id),
-            )
+            ).rowcount
             self._delete(connection, [event_id])
 
         await self._submit(move)
@@ -898,20 +908,25 @@ class SQLiteQueue:
     async def stats(self) -> QueueStats:
         def read(connection: sqlite3.Connection) -> QueueStats:
             # Cheap enough for every /readyz and scrape: counters, the head of the line, and
-            # a recount of the events only after another process (a replay) changed them.
-            changed = connection.execute(
-                "SELECT value FROM meta WHERE key = 'events_changed_at'"
-            ).fetchone()
-            if changed is not None and orjson.loads(changed[0]) > self._counted_at:
-                self._counted_at = orjson.loads(changed[0])
+            # a recount only after another process (`dead-letters`) changed the table.
+            changed = dict(
+                connection.execute(
+                    "SELECT key, value FROM meta"
+                    " WHERE key IN ('events_changed_at', 'dead_letters_changed_at')"
+                ).fetchall()
+            )
+            events_at = orjson.loads(changed.get("events_changed_at", "0"))
+            if events_at > self._counted_at:
+                self._counted_at = events_at
                 self.depth, self.bytes = connection.execute(
                     "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM events"
                 ).fetchone()
+            if orjson.loads(changed.get("dead_letters_changed_at", "0")) > self._dead_counted_at:
+                self._count_dead_letters(connection)
             head = connection.execute(
                 "SELECT received_at FROM events ORDER BY id LIMIT 1"
             ).fetchone()
-            (dead,) = connection.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
-            return QueueStats(self.depth, None if head is None else head[0], dead)
+            return QueueStats(self.depth, None if head is None else head[0], self.dead_count)
 
         stats: QueueStats = await self._submit(read)
         return stats
@@ -970,12 +985,14 @@ class SQLiteQueue:
             connection.execute(_NEW_HEADS, (last,))
             connection.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", ids)
             self._counted(len(sizes), sum(size for (size,) in sizes))
+            self.dead_count -= len(ids)
             return len(ids)
 
         moved = await self._in_chunks(move, progress)
         if moved:
             # A serving collector keeps its own counts; this tells it to recount.
             await self.note("events_changed_at", time.time())
+            await self.note("dead_letters_changed_at", time.time())
         return moved
 
     async def purge_dead_letters(
@@ -985,13 +1002,18 @@ class SQLiteQueue:
 
         def delete(connection: sqlite3.Connection) -> int:
             where, params = which.sql()
-            return connection.execute(
+            deleted: int = connection.execute(
                 "DELETE FROM dead_letters WHERE id IN"
                 f" (SELECT id FROM dead_letters WHERE {where} ORDER BY id LIMIT ?)",
                 (*params, chunk),
             ).rowcount
+            self.dead_count -= deleted
+            return deleted
 
-        return await self._in_chunks(delete, progress)
+        purged = await self._in_chunks(delete, progress)
+        if purged:
+            await self.note("dead_letters_changed_at", time.time())  # for a serving collector
+        return purged
 
     async def _in_chunks(
         self, operation: Callable[[sqlite3.Connection], int], progress: Progress | None
