@@ -17,6 +17,7 @@ from .identity import bearer_token, ids_key, token_matches
 from .keys import (
     DEBUG_HUB,
     IDS_KEY,
+    INGEST_LOG,
     IP_LIMITER,
     METRICS,
     QUEUE,
@@ -28,7 +29,7 @@ from .keys import (
 )
 from .limits import RateLimiter
 from .live import DebugHub
-from .logs import request_ids
+from .logs import Repeats, request_ids
 from .metrics import Metrics
 from .outbound import DryRunOutbound, HttpOutbound, Outbound
 from .queue import SQLiteQueue
@@ -215,6 +216,7 @@ def create_app(settings: Settings) -> web.Application:
     app[USER_LIMITER] = RateLimiter(settings.rate_limit_per_user, settings.rate_burst_per_user)
     app[METRICS] = Metrics()
     app[DEBUG_HUB] = DebugHub(settings.max_live_viewers)
+    app[INGEST_LOG] = Repeats(logging.getLogger("collector.ingest"))
     app[SCRIPT] = Script.packaged(settings.event_path, settings.script_path)
     app.cleanup_ctx.append(quiet_malformed_requests)
     app.cleanup_ctx.append(ids_key_context)

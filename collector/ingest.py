@@ -34,6 +34,7 @@ from .identity import (
 from .keys import (
     DEBUG_HUB,
     IDS_KEY,
+    INGEST_LOG,
     IP_LIMITER,
     METRICS,
     QUEUE,
@@ -661,6 +662,8 @@ async def _answer(
                 429, "too many events; retry later", {"Retry-After": retry_after(wait)}
             )
     response = await store(app, verdicts)
+    if response.status == 400 and verdicts.rejected:
+        _log_all_rejected(app, verdicts)
     if response.status in {202, 400}:  # not when the queue refused the lot
         if verdicts.records:
             metrics.accepted.inc(len(verdicts.records))
@@ -698,11 +701,31 @@ async def _refuse(request: web.Request, app: web.Application, error: RequestErro
         metrics.rate_limited.inc()
     else:
         metrics.refused_requests.labels(str(error.status)).inc()
-    log.info("refused %d: %s", error.status, clip(error.message, MAX_LOGGED_REFUSAL))
+    app[INGEST_LOG].log(
+        logging.INFO,
+        f"refused {error.status}",
+        "refused %d: %s",
+        error.status,
+        clip(error.message, MAX_LOGGED_REFUSAL),
+    )
     response = error_response(error.status, error.message, error.headers)
     if error.close or not await _drained(request, settings.max_body_bytes):
         response.force_close()
     return response
+
+
+def _log_all_rejected(app: web.Application, verdicts: Verdicts) -> None:
+    """One line for a request whose every event was rejected: counts by reason and where the
+    first problem is, never the payload."""
+    first = verdicts.rejected[0]["errors"]
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(verdicts.reasons.items()))
+    app[INGEST_LOG].log(
+        logging.INFO,
+        "rejected",
+        "rejected every event of a request (%s); the first at %s",
+        reasons,
+        clip(first[0]["path"] if first else "", MAX_LOGGED_REFUSAL) or "/",
+    )
 
 
 def _as_sent(event: dict[str, Any]) -> dict[str, Any]:

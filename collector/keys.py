@@ -7,6 +7,7 @@ from aiohttp import web
 from .config import Secret, Settings
 from .limits import RateLimiter
 from .live import DebugHub
+from .logs import Repeats
 from .metrics import Metrics
 from .queue import Queue
 from .relay import Relay
@@ -23,4 +24,5 @@ IP_LIMITER = web.AppKey("ip_limiter", RateLimiter)
 USER_LIMITER = web.AppKey("user_limiter", RateLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 DEBUG_HUB = web.AppKey("debug_hub", DebugHub)
+INGEST_LOG = web.AppKey("ingest_log", Repeats)  # refusals: the first line, then counts
 EVENT_PATHS: web.AppKey[frozenset[str]] = web.AppKey("event_paths")
