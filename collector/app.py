@@ -55,6 +55,12 @@ async def queue_context(app: web.Application) -> AsyncIterator[None]:
         dedupe_window=settings.dedupe_window,
         max_events=settings.queue_max_events,
         max_bytes=settings.queue_max_bytes,
+        share_per_ip=settings.queue_share_per_ip,
+        browser_share=settings.queue_browser_share,
+        ipv6_prefix=settings.ipv6_bucket_prefix,
+        dead_letters_max=settings.dead_letters_max,
+        dead_letter_days=settings.dead_letter_days,
+        on_dropped=app[METRICS].dead_letters_dropped.inc,
     )
     await queue.open()
     if queue.interrupted:

@@ -275,6 +275,32 @@ def _secrets(raw: object) -> tuple[Secret, ...]:
     return tuple(Secret(value) for value in values)
 
 
+def _share(raw: object) -> float:
+    """A share of a limit: more than 0, at most 1."""
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = float(raw) if isinstance(raw, int | float) else float(_text(raw))
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # also refuses nan
+        raise ValueError(f"must be a share above 0 and at most 1 (like 0.1), got {raw!r}")
+    return value
+
+
+def _days(raw: object) -> float:
+    """A number of days; 0 turns the retention off."""
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = float(raw) if isinstance(raw, int | float) else float(_text(raw))
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise ValueError(f"must be a number of days (0: kept until purged), got {raw!r}")
+    return value
+
+
 def _rate(raw: object) -> float:
     """Events per second; 0 turns the limit off."""
     try:
@@ -532,7 +558,28 @@ class Settings:
         2_000_000, _integer(1), "Most events waiting in the queue; beyond, ingest answers 503."
     )
     queue_max_bytes: int = setting(
-        1 << 30, _integer(1024), "Most bytes of events waiting in the queue; beyond, 503."
+        1 << 30,
+        _integer(1024),
+        "Most bytes the queue's files hold on disk (events, dedupe rows, dead letters, its "
+        "log); beyond, 503.",
+    )
+    queue_share_per_ip: float = setting(
+        0.1,
+        _share,
+        "Share of queue_max_events and queue_max_bytes one browser client (IP bucket) may "
+        "hold; beyond, 503 for that client only.",
+    )
+    queue_browser_share: float = setting(
+        0.9,
+        _share,
+        "Share of queue_max_events and queue_max_bytes browsers together may fill; the rest "
+        "is kept for server tokens.",
+    )
+    dead_letters_max: int = setting(
+        100_000, _integer(1), "Most dead letters kept; beyond, the oldest are dropped."
+    )
+    dead_letter_days: float = setting(
+        30.0, _days, "Days a dead letter is kept before it is dropped; 0: kept until purged."
     )
     cors_max_age: int = setting(86400, _integer(0), "Seconds browsers may cache a preflight.")
     log_level: str = setting("info", _choice("debug", "info", "warning", "error"), "Log level.")

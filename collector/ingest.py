@@ -574,9 +574,16 @@ async def store(app: web.Application, verdicts: Verdicts) -> web.Response:
             if duplicates:
                 app[METRICS].duplicates.inc(duplicates)
         # The queue logs its refusals (counted while they repeat, as on a full disk).
-        except QueueFull:
-            return error_response(
-                503, "the queue is full; nothing was stored, retry later", _RETRY_LATER
+        except QueueFull as full:
+            # Which limit: a client over its own share learns that it is the one to slow down.
+            message = {
+                "queue_share_per_ip": "this client holds its share of the queue",
+                "queue_browser_share": "browsers hold their share of the queue",
+            }.get(full.limit, "the queue is full")
+            return json_response(
+                {"error": f"{message}; nothing was stored, retry later", "limit": full.limit},
+                503,
+                _RETRY_LATER,
             )
         except QueueUnavailable:
             return error_response(

@@ -75,6 +75,11 @@ class Metrics:
         self.dead_lettered = Counter(
             "collector_dead_lettered", "Events moved to the dead letters.", registry=r
         )
+        self.dead_letters_dropped = Counter(
+            "collector_dead_letters_dropped",
+            "Dead letters dropped past dead_letter_days or beyond dead_letters_max.",
+            registry=r,
+        )
         self.breaker_open = Gauge(
             "collector_breaker_open", "1 while the relay's circuit is open.", registry=r
         )

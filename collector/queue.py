@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -20,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from .enrich import Record
+from .limits import ip_bucket
 from .logs import Repeats
 
 log = logging.getLogger("collector.queue")
@@ -49,7 +51,15 @@ class QueueUnavailable(Exception):
 
 
 class QueueFull(QueueUnavailable):
-    """The queue holds as many events or bytes as it may; nothing was stored."""
+    """The queue holds as many events or bytes as it may (for this sender); nothing was stored.
+
+    `limit` names the setting that refused: queue_max_events, queue_max_bytes (on disk),
+    queue_browser_share (the room kept for server tokens) or queue_share_per_ip.
+    """
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class QueueRefused(Exception):
@@ -155,6 +165,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     response TEXT NOT NULL,
     body BLOB NOT NULL
 );
+-- Retention drops dead letters by age: a range of this index, not a scan of them all.
+CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (failed_at);
 """
 
 # Schema versions (PRAGMA user_version): 0 had no heads table; 1 has it.
@@ -200,7 +212,15 @@ LOCK_POLL = 0.001  # seconds between tries while a connection that does not say 
 # The least a probe writes: a full batch of the script (under its 64 KiB keepalive quota).
 PROBE_BYTES = 64 * 1024
 _ID_CHUNK = 500  # message ids looked up per statement, well below SQLite's variable limit
-Row = tuple[str, str, float, bytes, str]  # user, message id, received_at, body, dedupe key
+# user, message id, received_at, body, dedupe key, client (share_key)
+Row = tuple[str, str, float, bytes, str, str | None]
+DISK_CHECK_INTERVAL = 1.0  # seconds between measures of the queue's files (not one a put)
+RETENTION_INTERVAL = 60.0  # seconds between drops of dead letters past their retention
+# A record's client for the per-IP share: its IP as stored, and whether a browser sent it.
+_SENDER = (
+    "json_extract(CAST(body AS TEXT), '$.ip'),"
+    " json_extract(CAST(body AS TEXT), '$.dedupe_key') IS NOT NULL"
+)
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -268,6 +288,18 @@ def dedupe_key(record: Record) -> str:
     """What a resend is known by: the key ingest scoped to its sender (identity.stamp_ids),
     else the message id (records of other writers, and server tokens' events)."""
     return str(record.get("dedupe_key") or record["message_id"])
+
+
+@functools.lru_cache(maxsize=4096)
+def client_key(ip: str | None, browser: bool, ipv6_prefix: int) -> str | None:
+    """The client a queued event counts against for its share: a browser's IP as stored,
+    in the rate limits' bucket (limits.ip_bucket); None for a server token's event."""
+    return ip_bucket(ip, ipv6_prefix) if browser else None
+
+
+def share_key(record: Record, ipv6_prefix: int) -> str | None:
+    """`client_key` of a record: browsers' records carry a dedupe_key (identity.stamp_ids)."""
+    return client_key(record.get("ip"), "dedupe_key" in record, ipv6_prefix)
 
 
 def user_key(record: Record) -> str:
@@ -402,6 +434,12 @@ class SQLiteQueue:
         owner: bool = True,
         checkpoint_interval: float = 0.02,
         wal_frames_limit: int = 1000,
+        share_per_ip: float = 1.0,
+        browser_share: float = 1.0,
+        ipv6_prefix: int = 64,
+        dead_letters_max: int = 0,
+        dead_letter_days: float = 0.0,
+        on_dropped: Callable[[int], object] = lambda count: None,
     ) -> None:
         self.path = path
         self._checkpoint_interval = checkpoint_interval
@@ -417,6 +455,26 @@ class SQLiteQueue:
         # or remove them, and recounted when another process (`dead-letters`) changed them.
         self.dead_count = 0
         self._dead_counted_at = 0.0
+        # No browser client may hold more than its share of the bounds, and browsers
+        # together leave a reserve for server tokens: events and body bytes per client
+        # (share_key), kept in memory like depth and counted from the records at open.
+        self._share_per_ip = share_per_ip
+        self._browser_share = browser_share
+        self._ipv6_prefix = ipv6_prefix
+        self.clients: dict[str, tuple[int, int]] = {}
+        self.browser_events = 0
+        self.browser_bytes = 0
+        self._undo: list[tuple[str, int, int]] = []  # this transaction's share changes
+        # The bytes bound is on what the files hold, measured at most once a DISK_CHECK_INTERVAL
+        # and grown by what was stored in between.
+        self.disk_bytes = 0
+        self._disk_measured_at = -DISK_CHECK_INTERVAL
+        self._dead_letters_max = dead_letters_max  # 0: no cap
+        self._dead_letter_days = dead_letter_days  # 0: kept until purged
+        self._retained_at = 0.0
+        self._on_dropped = on_dropped
+        self.dead_letters_dropped = 0
+        self._drops = Repeats(log)
         self._synchronous = synchronous.upper()
         self._dedupe_window = dedupe_window
         self._pruned_at = 0.0
@@ -539,12 +597,42 @@ class SQLiteQueue:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
-        self.depth, self.bytes = connection.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM events"
-        ).fetchone()
-        self._counted_at = time.time()
+        self._count_events(connection)
         self._count_dead_letters(connection)
         return connection
+
+    def _count_events(self, connection: sqlite3.Connection) -> None:
+        """Count the events, and each client's, from the records (at open, after a replay)."""
+        self.depth = self.bytes = self.browser_events = self.browser_bytes = 0
+        self.clients = {}
+        for ip, browser, events, size in connection.execute(
+            f"SELECT {_SENDER}, COUNT(*), SUM(LENGTH(body)) FROM events GROUP BY 1, 2"
+        ):
+            self._counted(events, size)
+            self._share(client_key(ip, bool(browser), self._ipv6_prefix), events, size)
+        self._undo.clear()
+        self._counted_at = time.time()
+
+    def _share(self, key: str | None, events: int, size: int, *, undo: bool = True) -> None:
+        """Count events of a client (None: a server token's, which have no share)."""
+        if key is None:
+            return
+        held_events, held_bytes = self.clients.get(key, (0, 0))
+        held_events, held_bytes = held_events + events, held_bytes + size
+        if held_events > 0:
+            self.clients[key] = (held_events, held_bytes)
+        else:
+            self.clients.pop(key, None)
+        self.browser_events += events
+        self.browser_bytes += size
+        if undo:
+            self._undo.append((key, events, size))
+
+    def _undo_shares(self) -> None:
+        """Take back the share changes of a transaction that was rolled back."""
+        for key, events, size in reversed(self._undo):
+            self._share(key, -events, -size, undo=False)
+        self._undo.clear()
 
     def _count_dead_letters(self, connection: sqlite3.Connection) -> None:
         """Count the dead letters from their table (at open, and after another process)."""
@@ -644,7 +732,7 @@ class SQLiteQueue:
 
     async def _on_the_loop(
         self, acked: list[Acked], operations: list[Operation], puts: list[PendingPut]
-    ) -> tuple[list[Any], list[int]]:
+    ) -> tuple[list[Any], list[int | str]]:
         """The transaction, on the event loop. While another connection holds the write lock
         (the checkpointer restarting the log, a dead-letters command) it waits here rather
         than in SQLite, so that the loop goes on reading and checking requests meanwhile:
@@ -664,10 +752,11 @@ class SQLiteQueue:
 
     def _transaction(
         self, acked: list[Acked], operations: list[Operation], puts: list[PendingPut]
-    ) -> tuple[list[Any], list[int]]:
+    ) -> tuple[list[Any], list[int | str]]:
         connection = self._connection
         assert connection is not None
         depth, size, dead = self.depth, self.bytes, self.dead_count
+        self._undo.clear()
         connection.execute("BEGIN IMMEDIATE")
         try:
             # Acks first: a claim in the same commit must see those users' next events.
@@ -680,6 +769,7 @@ class SQLiteQueue:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             self.depth, self.bytes, self.dead_count = depth, size, dead  # none of it happened
+            self._undo_shares()
             raise
         return results, stored
 
@@ -689,23 +779,31 @@ class SQLiteQueue:
         kept = records
         if self._dedupe_window > 0:  # a message id twice in one put: keep the first
             kept = list(reversed({dedupe_key(r): r for r in reversed(records)}.values()))
+        prefix = self._ipv6_prefix
         rows = [
-            (user_key(r), r["message_id"], r["received_at"], orjson.dumps(r), dedupe_key(r))
+            (
+                user_key(r),
+                r["message_id"],
+                r["received_at"],
+                orjson.dumps(r),
+                dedupe_key(r),
+                share_key(r, prefix),
+            )
             for r in kept
         ]
         size = sum(len(row[3]) for row in rows)
         try:
-            duplicates: int = await self._next_commit(self._puts, rows, size)
+            duplicates: int | str = await self._next_commit(self._puts, rows, size)
         except QueueUnavailable as error:
             # Every request is refused alike (a full disk): counted, not a line each.
             self._refusals.log(
                 logging.ERROR, "unavailable", "queue refused %d events: %s", len(records), error
             )
             raise
-        if duplicates < 0:
-            full = QueueFull(f"the queue is full ({self.depth} events, {self.bytes} bytes)")
+        if isinstance(duplicates, str):  # the limit that refused
+            full = QueueFull(self._full_message(duplicates, rows[0][5]), duplicates)
             self._refusals.log(
-                logging.WARNING, "full", "queue refused %d events: %s", len(records), full
+                logging.WARNING, duplicates, "queue refused %d events: %s", len(records), full
             )
             raise full
         duplicates += len(records) - len(rows)
@@ -713,16 +811,81 @@ class SQLiteQueue:
         self.duplicates += duplicates
         return duplicates
 
-    def _store(self, connection: sqlite3.Connection, puts: list[PendingPut]) -> list[int]:
-        """All the puts of one group commit: per put, its duplicates, or -1 when it did not fit."""
-        outcomes: list[int] = []
-        depth, size = self.depth, self.bytes
+    def _full_message(self, limit: str, client: str | None) -> str:
+        """Why a put did not fit, for logs (no client address: it is the client's to know)."""
+        if limit == "queue_share_per_ip":
+            held = self.clients.get(client or "", (0, 0))
+            return f"one client holds its share of the queue ({held[0]} events, {held[1]} bytes)"
+        if limit == "queue_browser_share":
+            return (
+                f"browsers hold their share of the queue ({self.browser_events} events,"
+                f" {self.browser_bytes} bytes); the rest is kept for server tokens"
+            )
+        return f"the queue is full ({self.depth} events, {self.disk_bytes} bytes on disk)"
+
+    def _measure_disk(self, connection: sqlite3.Connection) -> None:
+        """What the queue's files hold: the database's pages in use, and its log."""
+        (pages,) = connection.execute("PRAGMA page_count").fetchone()
+        (free,) = connection.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+        try:
+            log_size = os.stat(self.path.with_name(self.path.name + "-wal")).st_size
+        except FileNotFoundError:
+            log_size = 0
+        self.disk_bytes = (pages - free) * page_size + log_size
+        self._disk_measured_at = time.monotonic()
+
+    def _refusal(
+        self, rows: list[Row], put_size: int, depth: int, disk: int, taken: dict[str, list[int]]
+    ) -> str | None:
+        """The limit a put would go over, given what this commit took before it; None: it fits."""
+        if depth + len(rows) > self._max_events:
+            return "queue_max_events"
+        if disk + put_size > self._max_bytes:
+            return "queue_max_bytes"
+        mine: dict[str, list[int]] = {}
+        for row in rows:
+            if row[5] is not None:
+                counts = mine.setdefault(row[5], [0, 0])
+                counts[0] += 1
+                counts[1] += len(row[3])
+        if not mine:
+            return None  # a server token's: only the bounds apply
+        events = self.browser_events + taken[""][0] + sum(c[0] for c in mine.values())
+        size = self.browser_bytes + taken[""][1] + sum(c[1] for c in mine.values())
+        share = self._browser_share
+        if events > share * self._max_events or size > share * self._max_bytes:
+            return "queue_browser_share"
+        share = self._share_per_ip
+        for key, (more_events, more_bytes) in mine.items():
+            held_events, held_bytes = self.clients.get(key, (0, 0))
+            before = taken.get(key, [0, 0])
+            if (
+                held_events + before[0] + more_events > share * self._max_events
+                or held_bytes + before[1] + more_bytes > share * self._max_bytes
+            ):
+                return "queue_share_per_ip"
+        for key, (more_events, more_bytes) in mine.items():
+            for counts in (taken.setdefault(key, [0, 0]), taken[""]):
+                counts[0] += more_events
+                counts[1] += more_bytes
+        return None
+
+    def _store(self, connection: sqlite3.Connection, puts: list[PendingPut]) -> list[int | str]:
+        """All the puts of one group commit: per put, its duplicates, or the name of the limit
+        that it would have gone over (then nothing of it is stored)."""
+        outcomes: list[int | str] = []
+        if time.monotonic() - self._disk_measured_at >= DISK_CHECK_INTERVAL:
+            self._measure_disk(connection)
+        depth, disk = self.depth, self.disk_bytes
+        taken: dict[str, list[int]] = {"": [0, 0]}  # per client, and "" for all browsers
         fitting: list[tuple[int, list[Row]]] = []
         for rows, put_size, _ in puts:
-            if depth + len(rows) > self._max_events or size + put_size > self._max_bytes:
-                outcomes.append(-1)
+            limit = self._refusal(rows, put_size, depth, disk, taken)
+            if limit is not None:
+                outcomes.append(limit)
                 continue
-            depth, size = depth + len(rows), size + put_size
+            depth, disk = depth + len(rows), disk + put_size
             fitting.append((len(outcomes), rows))
             outcomes.append(0)
         dedupe = self._dedupe_window > 0
@@ -744,7 +907,7 @@ class SQLiteQueue:
                 if not dedupe:
                     fresh.append(row)
                 elif row[4] in seen:
-                    outcomes[index] += 1
+                    outcomes[index] = int(outcomes[index]) + 1
                 else:
                     seen.add(row[4])
                     fresh.append(row)
@@ -755,6 +918,9 @@ class SQLiteQueue:
             if dedupe:
                 connection.executemany(_REMEMBER, [(row[4], row[2]) for row in fresh])
             self._counted(len(fresh), sum(len(row[3]) for row in fresh))
+            self.disk_bytes += sum(len(row[3]) for row in fresh)  # till it is measured again
+            for row in fresh:
+                self._share(row[5], 1, len(row[3]))
         now = max((row[2] for row in fresh), default=0.0)
         if dedupe and now - self._pruned_at > min(self._dedupe_window, 60.0):
             self._pruned_at = now
@@ -789,11 +955,14 @@ class SQLiteQueue:
             chunk = event_ids[start : start + _ID_CHUNK]
             marks = ",".join("?" * len(chunk))
             deleted = connection.execute(
-                f"DELETE FROM events WHERE id IN ({marks}) RETURNING user_key, LENGTH(body)",
+                f"DELETE FROM events WHERE id IN ({marks})"
+                f" RETURNING user_key, LENGTH(body), {_SENDER}",
                 chunk,
             ).fetchall()
-            self._counted(-len(deleted), -sum(size for _, size in deleted))
-            users.update(user for user, _ in deleted)
+            self._counted(-len(deleted), -sum(row[1] for row in deleted))
+            for _, size, ip, browser in deleted:
+                self._share(client_key(ip, bool(browser), self._ipv6_prefix), -1, -size)
+            users.update(row[0] for row in deleted)
         self._refresh_heads(connection, users)
 
     @staticmethod
@@ -853,8 +1022,39 @@ class SQLiteQueue:
                 (now, reason, status, response, event_id),
             ).rowcount
             self._delete(connection, [event_id])
+            self._drop_dead_letters(connection, now)
 
         await self._submit(move)
+
+    def _drop_dead_letters(self, connection: sqlite3.Connection, now: float) -> None:
+        """Drop the dead letters past their retention (at most once a RETENTION_INTERVAL) and
+        the oldest beyond the cap, with a line (counted while it repeats) and the metric."""
+        expired = over = 0
+        if self._dead_letter_days and now - self._retained_at >= RETENTION_INTERVAL:
+            self._retained_at = now
+            expired = connection.execute(
+                "DELETE FROM dead_letters WHERE failed_at < ?",
+                (now - self._dead_letter_days * 86400,),
+            ).rowcount
+            self.dead_count -= expired
+        if self._dead_letters_max and self.dead_count > self._dead_letters_max:
+            over = connection.execute(
+                "DELETE FROM dead_letters WHERE id IN"
+                " (SELECT id FROM dead_letters ORDER BY id LIMIT ?)",
+                (self.dead_count - self._dead_letters_max,),
+            ).rowcount
+            self.dead_count -= over
+        if expired:
+            days = f"{self._dead_letter_days:g}"
+            self._dropped(expired, "expired", f"older than {days} days (dead_letter_days)")
+        if over:
+            kept = self._dead_letters_max
+            self._dropped(over, "over", f"the oldest: {kept} are kept at most (dead_letters_max)")
+
+    def _dropped(self, count: int, key: str, why: str) -> None:
+        self.dead_letters_dropped += count
+        self._on_dropped(count)
+        self._drops.log(logging.WARNING, key, "dropped %d dead letters, %s", count, why)
 
     async def probe(self, now: float) -> bool:
         """Try a real write as large as the puts that last failed (PROBE_BYTES at least);
@@ -917,12 +1117,12 @@ class SQLiteQueue:
             )
             events_at = orjson.loads(changed.get("events_changed_at", "0"))
             if events_at > self._counted_at:
+                self._count_events(connection)
                 self._counted_at = events_at
-                self.depth, self.bytes = connection.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM events"
-                ).fetchone()
             if orjson.loads(changed.get("dead_letters_changed_at", "0")) > self._dead_counted_at:
                 self._count_dead_letters(connection)
+            if self._owner:
+                self._drop_dead_letters(connection, time.time())  # retention, without new ones
             head = connection.execute(
                 "SELECT received_at FROM events ORDER BY id LIMIT 1"
             ).fetchone()
@@ -979,12 +1179,14 @@ class SQLiteQueue:
             sizes = connection.execute(
                 "INSERT INTO events (user_key, message_id, received_at, available_at, body)"
                 " SELECT user_key, message_id, received_at, 0, body FROM dead_letters"
-                f" WHERE id IN ({marks}) ORDER BY id RETURNING LENGTH(body)",
+                f" WHERE id IN ({marks}) ORDER BY id RETURNING LENGTH(body), {_SENDER}",
                 ids,
             ).fetchall()
             connection.execute(_NEW_HEADS, (last,))
             connection.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", ids)
-            self._counted(len(sizes), sum(size for (size,) in sizes))
+            self._counted(len(sizes), sum(row[0] for row in sizes))
+            for size, ip, browser in sizes:
+                self._share(client_key(ip, bool(browser), self._ipv6_prefix), 1, size)
             self.dead_count -= len(ids)
             return len(ids)
 

@@ -157,13 +157,18 @@ async def test_full_queue_answers_503_and_stores_nothing(
     start_collector: StartCollector, fake: FakeOutbound
 ) -> None:
     fake.always = Fault(503)
-    collector = await start_collector(queue_max_events=5, breaker_threshold=1)
+    collector = await start_collector(
+        queue_max_events=5, queue_share_per_ip=1.0, queue_browser_share=1.0, breaker_threshold=1
+    )
     for i in range(5):
         status, _, _ = await collector.post("/e", {**SEED_EVENT, "event": f"e{i}"})
         assert status == 202
     status, answer, response = await collector.post("/e", {"batch": [SEED_EVENT, SEED_EVENT]})
     assert status == 503
-    assert answer == {"error": "the queue is full; nothing was stored, retry later"}
+    assert answer == {
+        "error": "the queue is full; nothing was stored, retry later",
+        "limit": "queue_max_events",
+    }
     assert response.headers["Retry-After"] == "5"
     assert (await collector.queue.stats()).depth == 5
 

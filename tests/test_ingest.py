@@ -405,6 +405,8 @@ async def test_cors_headers_on_success_errors_and_preflight(
         cors_max_age=600,
         max_batch_events=2,
         queue_max_events=2,
+        queue_share_per_ip=1.0,
+        queue_browser_share=1.0,
         breaker_threshold=1,
     )
     origin = {"Origin": SHOP_ORIGIN}

@@ -303,14 +303,14 @@ async def test_dedupe_can_be_turned_off(tmp_path: Path) -> None:
 async def test_bounds_refuse_a_put_whole_and_free_up_on_ack(tmp_path: Path) -> None:
     from collector.queue import QueueFull
 
-    q = SQLiteQueue(tmp_path / "q.sqlite3", max_events=3, max_bytes=10_000)
+    q = SQLiteQueue(tmp_path / "q.sqlite3", max_events=3, max_bytes=100_000)  # on disk
     await q.open()
     try:
         await q.put([rec("a", 1), rec("b", 1)])
         with pytest.raises(QueueFull):
             await q.put([rec("c", 1), rec("d", 1)])  # would make 4: none of them is stored
         assert (await q.stats()).depth == 2
-        big = {**rec("e", 1), "blob": "x" * 10_000}
+        big = {**rec("e", 1), "blob": "x" * 100_000}
         with pytest.raises(QueueFull):
             await q.put([big])  # over the bytes bound
         [first, _] = await q.claim(5, now=NOW, lease=60)
