@@ -306,6 +306,11 @@ def user_key(record: Record) -> str:
     return str(record.get("user_id") or record.get("anonymous_id") or "")
 
 
+def log_bytes(frames: int, page_size: int = 4096) -> int:
+    """The size of a write-ahead log file of `frames` pages: a header, then a header a page."""
+    return 32 + frames * (24 + page_size)
+
+
 Operation = Callable[[sqlite3.Connection], Any]
 PendingPut = tuple[list[Row], int, "asyncio.Future[int]"]
 Acked = tuple[int, bool]  # an event id, and whether its user's identify went through
@@ -322,9 +327,9 @@ class Checkpointer:
     restart checkpoint takes a gap between commits to copy the little that is left, and
     the next commit writes the log from its start again (meanwhile, commits wait without
     stopping the event loop, and `released` tells them the moment the restart is over).
-    The committing connection keeps SQLite's own checkpoint at twice that, for when this
-    thread falls behind: a bounded log keeps a full disk recoverable, since the database
-    file must grow by what the log holds before the log can be reused.
+    Under ingest that leaves no gap, the queue holds its commits once the log is past its
+    bound and asks for a restart at once (`restart_soon`): the restart then finds its gap,
+    and `released` lets the commits go.
     """
 
     def __init__(
@@ -342,8 +347,12 @@ class Checkpointer:
         self._commits = commits  # the committer's count: nothing new, nothing to copy
         self._released = released  # called on this thread once a restart lets go of the lock
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # the interval is over early: stopping, or restart_soon
+        self._wanted = threading.Event()  # commits are held until the next restart
         self._thread = threading.Thread(target=self._run, name="queue-checkpoint", daemon=True)
         self.checkpoints = 0
+        self.restarts = 0  # restarts that went through: the next commit writes the log anew
+        self.frames = 0  # the log's length in pages at the last checkpoint (0 after a restart)
         self.last_error: str | None = None
 
     def start(self) -> None:
@@ -351,19 +360,34 @@ class Checkpointer:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
         self._thread.join()
+
+    def restart_soon(self) -> None:
+        """Restart the log now rather than at the next interval; `released` says when it is over."""
+        self._wanted.set()
+        self._wake.set()
 
     def _run(self) -> None:
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
-            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000:.0f}")
+            # No waiting in SQLite: a restart that finds a commit under way is a passive
+            # checkpoint, tried again at the next interval; commits that wait for a restart
+            # leave the lock free for it.
+            connection.execute("PRAGMA busy_timeout=0")
             done = None  # the committer's count when a checkpoint last went through
-            while not self._stopping.wait(self._interval):
+            while True:
+                self._wake.wait(self._interval)
+                self._wake.clear()
+                if self._stopping.is_set():
+                    break
+                wanted = self._wanted.is_set()
+                self._wanted.clear()
                 commits = self._commits()
-                if commits == done:
+                if commits == done and not wanted:
                     continue  # nothing new in the log since
                 try:
-                    self.checkpoint(connection)
+                    self.checkpoint(connection, restart=wanted)
                 except sqlite3.Error as error:  # a full disk, say: the log waits for the next
                     self.last_error = f"{type(error).__name__}: {error}"
                 else:
@@ -371,12 +395,22 @@ class Checkpointer:
         finally:
             connection.close()
 
-    def checkpoint(self, connection: sqlite3.Connection) -> None:
-        _, frames, _ = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if frames >= self._restart_frames:
-            try:
-                connection.execute("PRAGMA wal_checkpoint(RESTART)")
-            finally:
+    def checkpoint(self, connection: sqlite3.Connection, *, restart: bool = False) -> None:
+        """A passive checkpoint, then a restart when the log is past `restart_frames` pages
+        or `restart` asks for one; `released` is called after every restart tried."""
+        tried = restart
+        try:
+            _, frames, _ = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames >= 0:  # -1: another connection was checkpointing
+                self.frames = frames
+            if restart or frames >= self._restart_frames:
+                tried = True
+                busy, _, _ = connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                if not busy:
+                    self.restarts += 1
+                    self.frames = 0
+        finally:
+            if tried:  # also when it failed: held commits go on, and try again if need be
                 self._released()
         self.checkpoints += 1
         self.last_error = None
@@ -443,7 +477,11 @@ class SQLiteQueue:
     ) -> None:
         self.path = path
         self._checkpoint_interval = checkpoint_interval
+        # SQLite's log: restarted past half of wal_frames_limit pages, brought back to that
+        # many after a restart (journal_size_limit), and commits held past twice as many.
         self._wal_frames_limit = wal_frames_limit
+        self._wal_path = path.with_name(path.name + "-wal")
+        self._wal_hold_bytes = log_bytes(2 * wal_frames_limit)  # page size: see _prepare
         self._owner = owner
         self._max_events = max_events
         self._max_bytes = max_bytes
@@ -493,6 +531,7 @@ class SQLiteQueue:
         self._lock_descriptor: int | None = None
         self.damaged: str | None = None  # what SQLite said when it found the file corrupt
         self.commits = 0
+        self.log_holds = 0  # commits held until a restart because the log was past its bound
         self.stored = 0
         self.duplicates = 0
         self.last_error: str | None = None
@@ -574,9 +613,14 @@ class SQLiteQueue:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={self._synchronous}")
         connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000:.0f}")
-        # Checkpoints bring the write-ahead log back to this size rather than leaving it at
-        # its largest, which matters on a disk that runs full.
-        connection.execute("PRAGMA journal_size_limit=16777216")
+        # The first commit after a restart brings the write-ahead log back to this size
+        # rather than leaving it at its largest, which matters on a disk that runs full; and
+        # beyond it, the file's size is the log's length, which the commits go by.
+        page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+        connection.execute(
+            f"PRAGMA journal_size_limit={log_bytes(self._wal_frames_limit, page_size)}"
+        )
+        self._wal_hold_bytes = log_bytes(2 * self._wal_frames_limit, page_size)
         connection.execute("BEGIN IMMEDIATE")
         try:
             self._migrate(connection)
@@ -694,6 +738,7 @@ class SQLiteQueue:
         while True:
             await self._work.wait()
             self._work.clear()
+            await self._wait_for_a_short_log()
             batch, self._pending = self._pending, []
             puts, self._puts = self._puts, []
             acks, self._acks = self._acks, []
@@ -729,6 +774,29 @@ class SQLiteQueue:
             ):
                 if not future.done():
                     future.set_result(result)
+
+    async def _wait_for_a_short_log(self) -> None:
+        """Hold the next commit while SQLite's log is past its bound, until the checkpointer
+        has restarted it (or tried to). Commits that leave no gap between them would keep the
+        checkpointer from ever restarting the log, which would then grow by hundreds of MB;
+        puts that arrive meanwhile join the commit that follows."""
+        checkpointer = self._checkpointer
+        if checkpointer is None or self._log_size() <= self._wal_hold_bytes:
+            return
+        self.log_holds += 1
+        self._lock_free.clear()
+        checkpointer.restart_soon()
+        # Bounded: a checkpointer that cannot restart (a reader in the log, a full disk)
+        # slows commits down to its pace and does not stop them.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(BUSY_TIMEOUT):
+                await self._lock_free.wait()
+
+    def _log_size(self) -> int:
+        try:
+            return os.stat(self._wal_path).st_size
+        except FileNotFoundError:
+            return 0
 
     async def _on_the_loop(
         self, acked: list[Acked], operations: list[Operation], puts: list[PendingPut]
