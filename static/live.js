@@ -217,10 +217,12 @@
 
   // ---- the chart -----------------------------------------------------------------------
 
+  // Widest first: where lines meet (every accepted event relayed in the same second), each
+  // still shows at the edges of the one drawn over it.
   var SERIES = [
-    { key: "accepted", color: "#2b8a3e" },
-    { key: "rejected", color: "#c92a2a" },
-    { key: "relayed", color: "#1864ab" }
+    { key: "accepted", color: "#2b8a3e", width: 5 },
+    { key: "rejected", color: "#c92a2a", width: 3.5 },
+    { key: "relayed", color: "#1864ab", width: 2 }
   ];
   var buckets = {}; // whole second -> counts in that second
   var depth = []; // [second, queue depth] when the stream reports it
@@ -297,8 +299,8 @@
       context.fillText(deepest + " queued", left + plotWidth + 4, plotTop + 9);
     }
 
-    context.lineWidth = 2;
     SERIES.forEach(function (series) {
+      context.lineWidth = series.width;
       context.strokeStyle = series.color;
       context.beginPath();
       for (var s = first; s <= now; s++) {

@@ -84,6 +84,8 @@ async def test_demo_shows_the_click_and_its_outbound_call(
     await row.wait_for()
     assert await row.locator(".status").text_content() == "accepted"
     assert await row.locator(".detail").is_hidden()
+    # The visitor's calls reach the demo too (under the anonymous namespace at Outbound).
+    await row.locator(".call.sent", has_text="track").first.wait_for()
 
     # A row opens to the event, pretty-printed, with readable times.
     await row.locator(".summary").click()
