@@ -683,12 +683,19 @@ async def _answer(
 
 def _pay(limiter: RateLimiter, bucket: str, cost: float, *, take: bool = True) -> None:
     """Charge `cost` to the sender's IP bucket (with `take=False`, only check that it could
-    pay); RequestError 429 with Retry-After when it cannot, and then nothing is taken."""
+    pay); RequestError 429 with Retry-After when it cannot, and then nothing is taken.
+
+    The connection is closed: reading what is left of a refused body to keep it would be
+    work done for the one client over its rate (a flood of large batches took 70% of the
+    others' throughput that way); it is to wait Retry-After anyway."""
     now = time.monotonic()
     wait = limiter.charge(bucket, cost, now) if take else limiter.wait({bucket: cost}, now)
     if wait:
         raise RequestError(
-            429, "too many events; retry later", headers={"Retry-After": retry_after(wait)}
+            429,
+            "too many events; retry later",
+            close=True,
+            headers={"Retry-After": retry_after(wait)},
         )
 
 

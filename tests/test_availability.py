@@ -87,6 +87,21 @@ async def test_a_429_comes_before_the_body_is_read_and_says_when_to_retry(
     assert collector.app[METRICS].value("collector_rate_limited_requests_total") == 1
 
 
+async def test_a_429_closes_the_connection_rather_than_read_what_it_refused(
+    start_collector: StartCollector,
+) -> None:
+    """Reading a refused body to keep its connection is work done for the one client that
+    is over its rate: under a flood of large batches it took 70% of everyone's throughput."""
+    collector = await limited(start_collector)
+    spend = junk_body("/e", events=30)
+    assert (await collector.post("/e", spend, headers=sent_from(ATTACKER)))[0] == 400
+    status, _, response = await collector.post(
+        "/e", junk_body("/e", events=30), headers=sent_from(ATTACKER)
+    )
+    assert status == 429
+    assert response.headers["Connection"] == "close"
+
+
 async def test_bytes_are_charged_too(start_collector: StartCollector) -> None:
     """Bodies that hold no event at all (not JSON) still pay for what was read."""
     collector = await limited(start_collector, rate_bytes_per_event=1024)
