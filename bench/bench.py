@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -206,6 +207,7 @@ def lua(
     unique: bool,
     rate: float | None,
     headers: tuple[tuple[str, str], ...] = (),
+    spread: bool = False,
 ) -> str:
     """A wrk script posting `body`. When `unique`, each request has fresh message ids (time
     first, then random, like the script's; wrk's clock has whole seconds only) and comes
@@ -221,13 +223,25 @@ def lua(
         lines += [
             f"local body = [==[{text}]==]",
             "local counter = 0",
+            "local headers = {}",
+            "for name, value in pairs(wrk.headers) do headers[name] = value end",
             "request = function()",
             "  counter = counter + 1",
             '  local id = string.format("%012x%010x%010x", os.time() * 1000,',
             "    math.random(0, 2147483647), counter)",
             '  local visitor = string.format("%08x-5d5e-4a4e-9d1f-6f2b1f9f2a10",',
             f"    math.random(1, {VISITORS}))",
-            "  return wrk.format(nil, nil, nil,",
+            *(
+                # Each request from an address of its own, as browsers behind the proxy
+                # that the collector trusts (127.0.0.1) are.
+                [
+                    '  headers["X-Forwarded-For"] = string.format("198.51.%d.%d",',
+                    "    math.random(0, 255), math.random(1, 254))",
+                ]
+                if spread
+                else []
+            ),
+            "  return wrk.format(nil, nil, headers,",
             '    (body:gsub("MESSAGE_ID", id):gsub("ANONYMOUS_ID", visitor)))',
             "end",
         ]
@@ -254,24 +268,30 @@ class Load:
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def run_wrk(port: int, script: str, seconds: float, directory: Path) -> Load:
+def wrk_command(
+    port: int, script: str, seconds: float, directory: Path, connections: int = CONNECTIONS
+) -> list[str]:
     path = directory / f"load-{time.monotonic_ns()}.lua"
     path.write_text(script)
-    output = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{CONNECTIONS}",
-            f"-d{max(1, round(seconds))}s",
-            "--latency",
-            "-s",
-            str(path),
-            f"http://127.0.0.1:{port}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    return [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        str(path),
+        f"http://127.0.0.1:{port}",
+    ]
+
+
+def run_wrk(port: int, script: str, seconds: float, directory: Path) -> Load:
+    command = wrk_command(port, script, seconds, directory)
+    return wrk_load(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def wrk_load(output: str) -> Load:
+    """What wrk printed, as a Load."""
 
     def latency(percent: str) -> float:
         match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
@@ -315,6 +335,7 @@ class Results:
     validation: list[dict[str, Any]] = field(default_factory=list)
     stages: list[Stages] = field(default_factory=list)
     versions: list[Versus] = field(default_factory=list)
+    attack: Attack | None = None
     previous: str = PREVIOUS
     script_gzip_bytes: int = 0
     skew: list[dict[str, Any]] = field(default_factory=list)
@@ -341,9 +362,12 @@ class Scenario:
     unique: bool = True  # fresh message ids and a browser's anonymous id per request
     options: tuple[str, ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
+    spread: bool = False  # each request from another client address (X-Forwarded-For)
 
     def script(self, rate: float | None = None) -> str:
-        return lua(self.body, self.path, self.content_type, self.unique, rate, self.headers)
+        return lua(
+            self.body, self.path, self.content_type, self.unique, rate, self.headers, self.spread
+        )
 
 
 SINGLE = Scenario("single-event beacon (text/plain)", 1, beacon(1))
@@ -823,6 +847,112 @@ def skew_table(found: list[dict[str, Any]], before: list[dict[str, Any]] | None)
     return "\n".join(out)
 
 
+# Under attack (issue 17, findings 4 and 5): a legitimate load of single-event beacons, each
+# from a browser of its own behind the proxy the collector trusts, alone and then while one
+# address posts 100-event batches of 300 unknown keys an event on 3 connections and 200 live
+# viewers that match nothing stay open, taking turns.
+LEGITIMATE = Scenario("single-event beacons from many browsers", 1, beacon(1), spread=True)
+ATTACKER = "203.0.113.66"
+INVALID_BATCH = json.dumps(
+    {"batch": [{"event": "x", **{f"unknown{k}": k for k in range(300)}} for _ in range(100)]},
+    separators=(",", ":"),
+).encode()
+IDLE_VIEWERS = 200
+ATTACKED_OPTIONS = [
+    *("--trusted-proxies", "127.0.0.1"),
+    # The defaults, which start_collector turns off for the other rows.
+    *("--rate-limit-per-ip", "100", "--rate-limit-per-user", "10"),
+]
+
+
+@dataclass
+class Attack:
+    """The legitimate client alone and under attack, turn by turn."""
+
+    alone: list[Load]
+    attacked: list[Load]
+    attacker_requests: int  # over all turns
+    attacker_refused: int  # answered 400 (invalid) or 429 (its bucket empty): not 2xx
+    viewers_refused: int  # of IDLE_VIEWERS a turn, answered 503 at once (the viewer cap)
+
+
+def idle_viewers(port: int, count: int) -> tuple[list[socket.socket], int]:
+    """Open `count` live views of a visitor that sends nothing: (the sockets, how many were
+    refused at once)."""
+    views = []
+    for _ in range(count):
+        view = socket.create_connection(("127.0.0.1", port))
+        view.sendall(b"GET /demo/events?aid=nobody HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        views.append(view)
+    refused = 0
+    for view in views:
+        view.settimeout(0.5)
+        with contextlib.suppress(TimeoutError):  # no answer yet: the view was taken
+            refused += view.recv(64).startswith(b"HTTP/1.1 503")
+    return views, refused
+
+
+def measure_attack(work: Path, schemas: Path, seconds: float, rounds: int) -> Attack:
+    outbound = start_refused_outbound()
+    collector = start_collector(
+        Path(tempfile.mkdtemp(dir=work)), schemas, outbound.port, [*QUIET_RELAY, *ATTACKED_OPTIONS]
+    )
+    legitimate = LEGITIMATE.script()
+    invalid = lua(INVALID_BATCH, "/e", "text/plain", False, None, (("X-Forwarded-For", ATTACKER),))
+    found = Attack([], [], 0, 0, 0)
+    try:
+        run_wrk(collector.port, legitimate, 1, work)  # warm-up
+        for _ in range(rounds):
+            found.alone.append(run_wrk(collector.port, legitimate, seconds, work))
+            views, refused = idle_viewers(collector.port, IDLE_VIEWERS)
+            attacker = subprocess.Popen(
+                wrk_command(collector.port, invalid, seconds + 1, work, connections=3),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                found.attacked.append(run_wrk(collector.port, legitimate, seconds, work))
+            finally:
+                attack = wrk_load(attacker.communicate(timeout=60)[0])
+                for view in views:
+                    view.close()
+            found.attacker_requests += attack.requests
+            found.attacker_refused += attack.non_2xx
+            found.viewers_refused += refused
+    finally:
+        collector.stop()
+        outbound.stop()
+    return found
+
+
+def attack_table(attack: Attack) -> str:
+    alone, attacked = median_load(attack.alone), median_load(attack.attacked)
+    ratios = turn_ratios(attack.attacked, attack.alone)
+    turns = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+    rounds = len(attack.alone)
+    return "\n".join(
+        [
+            f"Under attack: {LEGITIMATE.name} (wrk, {CONNECTIONS} connections), alone and while "
+            f"one address posts 100-event batches of 300 unknown keys an event on 3 "
+            f"connections and {IDLE_VIEWERS} live views that match nothing stay open; taking "
+            "turns, the collector at its default rate limits behind a trusted proxy.",
+            "",
+            "| legitimate client | req/s | p50 / p99 (ms) | non-2xx | ratio (per turn) |",
+            "|---|---|---|---|---|",
+            f"| alone | {alone.requests_per_second:,.0f} | {alone.p50_ms:.2f} / "
+            f"{alone.p99_ms:.2f} | {alone.non_2xx} | |",
+            f"| under attack | {attacked.requests_per_second:,.0f} | {attacked.p50_ms:.2f} / "
+            f"{attacked.p99_ms:.2f} | {attacked.non_2xx} | {median(ratios):.2f} ({turns}) |",
+            "",
+            f"The attacker: {attack.attacker_requests:,} batches, {attack.attacker_refused:,} "
+            f"of them refused (400 while its address's bucket pays for judging them, then "
+            "429 before their bodies are read); "
+            f"{attack.viewers_refused:,} of {IDLE_VIEWERS * rounds:,} live views refused at once "
+            "(503: the viewer cap).",
+        ]
+    )
+
+
 @dataclass
 class Versus:
     """One load on the previous version and on this one, taking turns."""
@@ -1090,6 +1220,8 @@ def table(results: Results) -> str:
         out += ["", skew_table(results.skew, results.skew_before)]
     if results.versions:
         out += ["", versions_table(results.versions, results.previous)]
+    if results.attack is not None:
+        out += ["", attack_table(results.attack)]
     if results.stages:
         out += ["", stages_table(results.stages)]
     return "\n".join(out)
@@ -1228,6 +1360,9 @@ def main() -> None:
     parser.add_argument(
         "--only-skew", action="store_true", help="only the skewed drains (no RESULTS.md)"
     )
+    parser.add_argument(
+        "--only-attack", action="store_true", help="only the row under attack (no RESULTS.md)"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is missing (bench/run installs it)")
@@ -1238,6 +1373,10 @@ def main() -> None:
         schemas.mkdir()
         (schemas / "renewMembership.json").write_text(json.dumps(SCHEMA))
         results = Results(script_gzip_bytes=script_size(), previous=args.previous)
+        results.attack = measure_attack(work, schemas, seconds, rounds)
+        if args.only_attack:
+            print(attack_table(results.attack))
+            return
         cutoff = 5.0 if args.smoke else SKEW_CUTOFF
         results.skew = [drain_skewed(work, schemas, skew, cutoff=cutoff) for skew in SKEWS]
         before = checkout(args.skew_before, work) if args.skew_before else None

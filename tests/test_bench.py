@@ -113,6 +113,7 @@ def test_bench_smoke_writes_results_and_chart(tmp_path: Path) -> None:
     assert "| group commit (SQLite), on the loop |" in results  # the profile by stage
     # The previous version beside this one: ingest through the CORS layer, and the relay.
     assert "| single-event beacon from another origin | " in results
+    assert "| under attack | " in results  # a legitimate client beside the attacks
     assert "| drain 1,000 events, Outbound answers after 50 ms, concurrency 64 | " in results
     assert (tmp_path / "ingest.png").read_bytes().startswith(b"\x89PNG")
 
