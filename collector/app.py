@@ -29,7 +29,7 @@ from .keys import (
 )
 from .limits import RateLimiter
 from .live import DebugHub
-from .logs import Repeats, request_ids
+from .logs import Repeats, counted, request_ids
 from .metrics import Metrics
 from .outbound import DryRunOutbound, HttpOutbound, Outbound
 from .queue import SQLiteQueue
@@ -65,9 +65,9 @@ async def queue_context(app: web.Application) -> AsyncIterator[None]:
     await queue.open()
     if queue.interrupted:
         log.warning(
-            "%d events were being sent when the collector last stopped; they go again, "
+            "%s being sent when the collector last stopped; they go again, "
             "with the same X-Outbound-GUID so that Outbound can drop a resend",
-            queue.interrupted,
+            counted(queue.interrupted, "event") + (" was" if queue.interrupted == 1 else " were"),
         )
     app[QUEUE] = queue
     yield
@@ -97,7 +97,11 @@ async def relay_context(app: web.Application) -> AsyncIterator[None]:
     if client is not None:
         await client.close()
     stats = await app[QUEUE].stats()
-    log.info("stopped with %d events queued, %d dead letters", stats.depth, stats.dead_letters)
+    log.info(
+        "stopped with %s queued, %s",
+        counted(stats.depth, "event"),
+        counted(stats.dead_letters, "dead letter"),
+    )
 
 
 class MalformedRequestFilter(logging.Filter):

@@ -38,6 +38,7 @@ from .config import (
 from .deadline import AcceptFailures, ConnectionCap, with_header_deadline
 from .debug import demo_enabled
 from .identity import user_hash
+from .logs import counted
 from .queue import DeadLetterFilter, QueueRefused, SQLiteQueue
 from .schema import SchemaDirError, lint_schemas, load_event_schemas
 from .script import Script, snippet
@@ -170,11 +171,6 @@ def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentPars
 def _add_data_dir_options(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument("--config", type=Path, default=default, help="TOML file of settings")
     parser.add_argument("--data-dir", default=default, help="the collector's data directory")
-
-
-def counted(number: int, noun: str) -> str:
-    """A count with its noun, singular for one: `1 event`, `2 events` (nouns here take -s)."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _fail(message: str) -> int:

@@ -189,3 +189,8 @@ async def request_ids(request: web.Request, handler: Handler) -> web.StreamRespo
         _LINES.reset(lines)
     response.headers["X-Request-ID"] = request_id
     return response
+
+
+def counted(number: int, noun: str) -> str:
+    """A count with its noun, singular for one: `1 event`, `2 events` (nouns here take -s)."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

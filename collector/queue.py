@@ -22,7 +22,7 @@ import orjson
 
 from .enrich import Record
 from .limits import ip_bucket
-from .logs import Repeats
+from .logs import Repeats, counted
 
 log = logging.getLogger("collector.queue")
 T = TypeVar("T")
@@ -865,13 +865,21 @@ class SQLiteQueue:
         except QueueUnavailable as error:
             # Every request is refused alike (a full disk): counted, not a line each.
             self._refusals.log(
-                logging.ERROR, "unavailable", "queue refused %d events: %s", len(records), error
+                logging.ERROR,
+                "unavailable",
+                "queue refused %s: %s",
+                counted(len(records), "event"),
+                error,
             )
             raise
         if isinstance(duplicates, str):  # the limit that refused
             full = QueueFull(self._full_message(duplicates, rows[0][5]), duplicates)
             self._refusals.log(
-                logging.WARNING, duplicates, "queue refused %d events: %s", len(records), full
+                logging.WARNING,
+                duplicates,
+                "queue refused %s: %s",
+                counted(len(records), "event"),
+                full,
             )
             raise full
         duplicates += len(records) - len(rows)
@@ -1113,8 +1121,8 @@ class SQLiteQueue:
             ).rowcount
             self.dead_count -= over
         if expired:
-            days = f"{self._dead_letter_days:g}"
-            self._dropped(expired, "expired", f"older than {days} days (dead_letter_days)")
+            days = f"{self._dead_letter_days:g} day" + ("" if self._dead_letter_days == 1 else "s")
+            self._dropped(expired, "expired", f"older than {days} (dead_letter_days)")
         if over:
             kept = self._dead_letters_max
             self._dropped(over, "over", f"the oldest: {kept} are kept at most (dead_letters_max)")
@@ -1122,7 +1130,7 @@ class SQLiteQueue:
     def _dropped(self, count: int, key: str, why: str) -> None:
         self.dead_letters_dropped += count
         self._on_dropped(count)
-        self._drops.log(logging.WARNING, key, "dropped %d dead letters, %s", count, why)
+        self._drops.log(logging.WARNING, key, "dropped %s, %s", counted(count, "dead letter"), why)
 
     async def probe(self, now: float) -> bool:
         """Try a real write as large as the puts that last failed (PROBE_BYTES at least);

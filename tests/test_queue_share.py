@@ -161,13 +161,13 @@ async def test_dead_letters_have_a_cap_and_a_retention(
         kept = [letter["message_id"] for letter in await queue.dead_letters()]
         assert kept == [f"d{now}-{n}" for n in range(3, 8)]  # the oldest went
         assert sum(dropped) == 3
-        assert "dropped 1 dead letters, the oldest: 5 are kept at most" in caplog.text
+        assert "dropped 1 dead letter, the oldest: 5 are kept at most" in caplog.text
 
         later = now + 86400 + 120  # a day and more on: those 5 are past their retention
         await dead_letter_all(queue, 2, later)
         assert (await queue.stats()).dead_letters == 2
         assert sum(dropped) == 8
-        assert "dropped 5 dead letters, older than 1 days (dead_letter_days)" in caplog.text
+        assert "dropped 5 dead letters, older than 1 day (dead_letter_days)" in caplog.text
     finally:
         await queue.close()
 
