@@ -81,6 +81,17 @@ def _integer(low: int, high: int | None = None) -> Parser:
     return parse
 
 
+def _float(raw: object) -> float:
+    """The number a setting's value spells (a number, or text of one); nan when it spells
+    none, a boolean included, so that every range check refuses it."""
+    if isinstance(raw, bool):
+        return float("nan")
+    try:
+        return float(raw) if isinstance(raw, int | float) else float(_text(raw))
+    except ValueError:
+        return float("nan")
+
+
 def _number_of_seconds(raw: object, *, zero: bool) -> float:
     try:
         if isinstance(raw, bool):
@@ -277,12 +288,7 @@ def _secrets(raw: object) -> tuple[Secret, ...]:
 
 def _share(raw: object) -> float:
     """A share of a limit: more than 0, at most 1."""
-    try:
-        if isinstance(raw, bool):
-            raise ValueError
-        value = float(raw) if isinstance(raw, int | float) else float(_text(raw))
-    except ValueError:
-        value = float("nan")
+    value = _float(raw)
     if not 0 < value <= 1:  # also refuses nan
         raise ValueError(f"must be a share above 0 and at most 1 (like 0.1), got {raw!r}")
     return value
@@ -290,12 +296,7 @@ def _share(raw: object) -> float:
 
 def _days(raw: object) -> float:
     """A number of days; 0 turns the retention off."""
-    try:
-        if isinstance(raw, bool):
-            raise ValueError
-        value = float(raw) if isinstance(raw, int | float) else float(_text(raw))
-    except ValueError:
-        value = float("nan")
+    value = _float(raw)
     if not 0 <= value < float("inf"):  # also refuses nan
         raise ValueError(f"must be a number of days (0: kept until purged), got {raw!r}")
     return value
@@ -303,12 +304,7 @@ def _days(raw: object) -> float:
 
 def _rate(raw: object) -> float:
     """Events per second; 0 turns the limit off."""
-    try:
-        if isinstance(raw, bool):
-            raise ValueError
-        value = float(raw) if isinstance(raw, int | float) else float(_text(raw))
-    except ValueError:
-        value = float("nan")
+    value = _float(raw)
     if not 0 <= value < float("inf"):  # also refuses nan
         raise ValueError(f"must be a number of events per second (0: no limit), got {raw!r}")
     return value
