@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiohttp.typedefs import Handler
 from fake_outbound import KEY, FakeOutbound
+from playwright.async_api import Browser, async_playwright
 
 from collector.app import create_app
 from collector.config import Secret, Settings
@@ -187,3 +188,28 @@ async def start_collector(settings: Settings) -> AsyncIterator[StartCollector]:
 @pytest.fixture
 async def collector(start_collector: StartCollector) -> Collector:
     return await start_collector()
+
+
+# Debian's Chromium (Playwright's own download does not work on these machines), without
+# the background traffic that a closed network refuses.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """A headless Chromium for the test, closed after it."""
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        yield chromium
+        await chromium.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import Collector, eventually
+from conftest import CHROMIUM, CHROMIUM_ARGS, Collector, eventually
 from fake_outbound import FakeOutbound, Received
 from playwright.async_api import Browser, Page, Request, async_playwright
 
@@ -26,16 +26,6 @@ from collector.config import Settings
 from collector.script import STUB, Script
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-]
 
 HOME = """<!doctype html><html><head><title>Home</title>{stub}{tag}</head><body>
 <button id="renew" data-outbound="renewMembership" data-outbound-plan="gold">Renew</button>
@@ -97,16 +87,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        yield chromium
-        await chromium.close()
 
 
 @pytest.fixture

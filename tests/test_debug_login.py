@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from conftest import Collector, StartCollector
-from playwright.async_api import Browser, async_playwright
-from test_browser import CHROMIUM, CHROMIUM_ARGS
+from playwright.async_api import Browser
 
 from collector.config import Secret
 
 ADMIN = "admin-token-for-login-tests-7"
 WRONG = "Wrong-Token-Typed-By-Hand"
 NOTICE = "That is not the admin token"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        await chromium.close()
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import SEED_EVENT, Collector, StartCollector
+from conftest import CHROMIUM, CHROMIUM_ARGS, SEED_EVENT, Collector, StartCollector
 from fake_outbound import FakeOutbound
 from playwright.async_api import async_playwright
-from test_browser import CHROMIUM, CHROMIUM_ARGS, free_port
+from test_browser import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -6,26 +6,17 @@ Each test saves screenshots in $TEST_ARTIFACTS (default: the test's tmp_path) to
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
 from conftest import Collector, StartCollector, eventually
-from playwright.async_api import Browser, Page, async_playwright
-from test_browser import CHROMIUM, CHROMIUM_ARGS
+from playwright.async_api import Browser, Page
 
 from collector.config import Secret
 
 ADMIN = "admin-token-for-tests-42"
 LIMIT = 500  # rows the live view keeps (static/live.js)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        await chromium.close()
 
 
 @pytest.fixture
