@@ -162,6 +162,11 @@ def start_collector(
         "OUTBOUND_API_KEY": "bench-key",
         "COLLECTOR_OUTBOUND_URL": f"http://127.0.0.1:{outbound_port}",
         "COLLECTOR_LOG_LEVEL": "warning",
+        # Every load here comes from one address, which the share of the queue one client
+        # may hold would refuse once Outbound has refused long enough: these rows measure
+        # capacity, not that policy. Variables rather than flags: older versions ignore them.
+        "COLLECTOR_QUEUE_SHARE_PER_IP": "1",
+        "COLLECTOR_QUEUE_BROWSER_SHARE": "1",
     }
     if code is not None:
         # `python -m` puts the working directory first on the path: there, the other version.
