@@ -26,6 +26,7 @@ class Sender:
     ip: str | None
     user_agent: str | None
     origin: str | None
+    client: str | None = None  # X-Outbound-Client: the Outbound library that sent it
 
 
 def event_time(
@@ -136,6 +137,8 @@ def enrich(
         record["clamped_from"] = event.get("timestamp")
     if "user_hash" in event:
         record["user_hash"] = event["user_hash"]
+    if sender.client is not None:
+        record["client"] = sender.client
     return record
 
 

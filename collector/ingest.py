@@ -54,6 +54,8 @@ JSON_TYPES = frozenset({"application/json", "text/plain"})
 _RETRY_LATER = {"Retry-After": "5"}
 # A refusal's sentence as logged: enough to see what was wrong, never what a client made long.
 MAX_LOGGED_REFUSAL = 300
+# The library an Outbound client says it is ("Python/1.2.1"), as kept in the record.
+MAX_CLIENT_NAME = 100
 # What reading a body raises when its encoding cannot be undone.
 BROKEN_STREAM = (RequestPayloadError, ContentEncodingError, zlib.error)
 
@@ -332,15 +334,27 @@ def _local_hosts(address: str, port: int) -> frozenset[str]:
     return frozenset(with_port | set(names) if port in (80, 443) else with_port)
 
 
+def server_tokens_presented(request: web.Request) -> list[str]:
+    """The tokens a request presents: `Authorization: Bearer`, and `X-Outbound-Key`, the
+    header Outbound's own libraries put their key in (so that code written for Outbound
+    works with the server token as its key)."""
+    presented = [bearer_token(request.headers.get("Authorization"))]
+    presented += [key.strip() for key in request.headers.getall("X-Outbound-Key", [])]
+    return [token for token in presented if token]
+
+
 def is_server(request: web.Request, settings: Settings) -> bool:
     """Whether a trusted back-end sent this (a valid server token); refuses what may not send.
 
-    A wrong token is refused outright rather than treated as a browser, so that a back-end
-    with a stale token learns of it. Without a token, a browser's origin must be allowed.
+    A wrong token (in either header) is refused outright rather than treated as a browser,
+    so that a back-end with a stale token learns of it. Without a token, a browser's origin
+    must be allowed.
     """
-    token = bearer_token(request.headers.get("Authorization"))
-    if token is not None:
-        if settings.server_tokens and token_matches(settings.server_tokens, token):
+    presented = server_tokens_presented(request)
+    if presented:
+        if settings.server_tokens and all(
+            token_matches(settings.server_tokens, token) for token in presented
+        ):
             return True
         raise RequestError(401, "the server token is not valid")
     origin = request_origin(request.headers.get("Origin"), request.headers.get("Referer"))
@@ -370,10 +384,12 @@ def from_loopback(request: web.Request, settings: Settings) -> bool:
 
 def sender_of(request: web.Request, settings: Settings, ip: str | None) -> Sender:
     """What the server knows of the sender; the IP as stored (truncated unless configured)."""
+    client = request.headers.get("X-Outbound-Client")
     return Sender(
         ip=ip if settings.forward_ip == "full" else truncated_ip(ip),
         user_agent=request.headers.get("User-Agent"),
         origin=request.headers.get("Origin"),
+        client=clip(client, MAX_CLIENT_NAME) if client else None,
     )
 
 
