@@ -253,6 +253,14 @@ def create_app(settings: Settings) -> web.Application:
             "/v2/identify": ingest.post_outbound_identify,
         },
     )
+    # Outbound's calls that only back-ends make: no CORS, so no page can make them.
+    server_posts = {
+        "/v2/track/batch": ingest.post_outbound_track_batch,
+        "/v2/identify/batch": ingest.post_outbound_identify_batch,
+        **ingest.outbound_call_handlers(),
+    }
+    for path, handler in server_posts.items():
+        app.router.add_post(path, handler)
     app.on_response_prepare.append(_common_headers)
     return app
 

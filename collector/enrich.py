@@ -139,6 +139,10 @@ def enrich(
         record["user_hash"] = event["user_hash"]
     if sender.client is not None:
         record["client"] = sender.client
+    if event.get("user"):  # a /v2/track's user details (the Python library's `user`)
+        record["user"] = event["user"]
+    if record["type"] == "call":
+        record["endpoint"], record["fields"] = event["endpoint"], event["fields"]
     return record
 
 
@@ -157,3 +161,14 @@ def from_outbound_identify(body: dict[str, Any]) -> dict[str, Any]:
         event["anonymous_id"] = str(body["previous_id"])
     event["traits"] = {k: v for k, v in body.items() if k not in _IDENTIFY_ENVELOPE_FIELDS}
     return event
+
+
+def from_outbound_call(endpoint: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The converter of a device token or subscription call (`/v2/apns/register`...): a
+    record of type "call" that the relay makes again as it came, to the same endpoint."""
+
+    def convert(body: dict[str, Any]) -> dict[str, Any]:
+        fields = {key: value for key, value in body.items() if key != "user_id"}
+        return {"type": "call", "user_id": body["user_id"], "endpoint": endpoint, "fields": fields}
+
+    return convert

@@ -9,7 +9,7 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import SplitResult, urlsplit
@@ -20,7 +20,15 @@ from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from .config import Settings
-from .enrich import Record, Sender, client_ip, enrich, from_outbound_identify, from_outbound_track
+from .enrich import (
+    Record,
+    Sender,
+    client_ip,
+    enrich,
+    from_outbound_call,
+    from_outbound_identify,
+    from_outbound_track,
+)
 from .identity import (
     bearer_token,
     is_bot,
@@ -272,6 +280,20 @@ def split_batch(document: object, max_events: int) -> tuple[list[object], float 
     ):
         raise RequestError(400, "`sent_at` must be Unix time in seconds")
     return events, sent_at
+
+
+OUTBOUND_BATCH_MAX = 100  # bodies in one of Outbound's batch calls, as its API takes them
+
+
+def split_outbound_batch(document: object) -> list[object]:
+    """The bodies of Outbound's /v2/track/batch or /v2/identify/batch: a JSON array."""
+    if not isinstance(document, list) or not document:
+        raise RequestError(400, "the body must be a non-empty JSON array of bodies")
+    if len(document) > OUTBOUND_BATCH_MAX:
+        raise RequestError(
+            413, f"the batch has {len(document)} bodies; the limit is {OUTBOUND_BATCH_MAX}"
+        )
+    return document
 
 
 def request_origin(origin: str | None, referer: str | None) -> str | None:
@@ -620,27 +642,42 @@ async def store(app: web.Application, verdicts: Verdicts) -> web.Response:
     return json_response(answer, status)
 
 
-async def _handle(
-    request: web.Request,
-    kind: Kind,
-    convert: Callable[[dict[str, Any]], dict[str, Any]],
-) -> web.Response:
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What an ingest route takes: its kind of event and how one becomes a collector event;
+    `server_only`: browsers are refused; `outbound_batch`: the body is Outbound's batch, a
+    JSON array of bodies of the kind."""
+
+    kind: Kind
+    convert: Callable[[dict[str, Any]], dict[str, Any]]
+    server_only: bool = False
+    outbound_batch: bool = False
+
+
+async def _handle(request: web.Request, route: Route) -> web.Response:
     started = time.perf_counter()
     app = request.app
     try:
-        return await _answer(request, app, kind, convert)
+        response = await _answer(request, app, route)
+        if (
+            response.status == 202
+            and route.kind != "event"
+            and not route.outbound_batch
+            and request.headers.get("X-Outbound-Key")
+        ):
+            # Outbound's libraries (the header is theirs) get Outbound's answer to a call it
+            # took: an empty body, which PHP's needs; any other body is an error to it. (The
+            # body's one event was accepted: the JSON would say nothing more.)
+            return web.Response(status=202)
+        return response
     finally:
         app[METRICS].ingest_latency.observe(time.perf_counter() - started)
 
 
-async def _answer(
-    request: web.Request,
-    app: web.Application,
-    kind: Kind,
-    convert: Callable[[dict[str, Any]], dict[str, Any]],
-) -> web.Response:
+async def _answer(request: web.Request, app: web.Application, route: Route) -> web.Response:
     """Who sends, what they sent, what became of each event: the whole of one request."""
     settings, metrics, hub = app[SETTINGS], app[METRICS], app[DEBUG_HUB]
+    kind, convert = route.kind, route.convert
     ip = client_address(request, settings)
     # Browsers pay for what they send before anything costly is done with it: an IP whose
     # bucket is empty is refused before its body is read, and every event received and
@@ -651,6 +688,12 @@ async def _answer(
     size = 0
     try:
         server = is_server(request, settings)
+        if route.server_only and not server:
+            raise RequestError(
+                403,
+                f"{request.path} takes a server token only (X-Outbound-Key or Authorization: "
+                "Bearer): a page cannot change a person's devices or subscriptions",
+            )
         if not server:
             _pay(limiter, bucket, 1.0, take=False)  # an empty bucket: the body is not even read
         body = await read_body(request, settings)
@@ -658,6 +701,8 @@ async def _answer(
         document = decode(body)
         if kind == "event":
             events, sent_at = split_batch(document, settings.max_batch_events)
+        elif route.outbound_batch:
+            events, sent_at = split_outbound_batch(document), None
         else:
             events, sent_at = [document], None
         if not server:
@@ -762,16 +807,60 @@ def _as_sent(event: dict[str, Any]) -> dict[str, Any]:
     return event  # enrich builds a new record; the event itself is left as it came
 
 
+_EVENT = Route("event", _as_sent)
+_TRACK = Route("outbound_track", from_outbound_track)
+_IDENTIFY = Route("outbound_identify", from_outbound_identify)
+_TRACK_BATCH = Route("outbound_track", from_outbound_track, server_only=True, outbound_batch=True)
+_IDENTIFY_BATCH = Route(
+    "outbound_identify", from_outbound_identify, server_only=True, outbound_batch=True
+)
+# Outbound's device token and subscription calls by the kind of body each takes.
+_CALL_ENDPOINTS: tuple[tuple[Kind, tuple[str, ...]], ...] = (
+    ("outbound_register", ("/v2/apns/register", "/v2/gcm/register")),
+    ("outbound_disable", ("/v2/apns/disable", "/v2/gcm/disable")),
+    ("outbound_subscription", ("/v2/subscribe/all", "/v2/unsubscribe/all")),
+    ("outbound_campaigns", ("/v2/subscribe/campaigns", "/v2/unsubscribe/campaigns")),
+)
+_CALLS = {
+    endpoint: Route(kind, from_outbound_call(endpoint), server_only=True)
+    for kind, endpoints in _CALL_ENDPOINTS
+    for endpoint in endpoints
+}
+
+
 async def post_event(request: web.Request) -> web.Response:
     """`POST /e`: one event or a batch, from browsers and API clients."""
-    return await _handle(request, "event", _as_sent)
+    return await _handle(request, _EVENT)
 
 
 async def post_outbound_track(request: web.Request) -> web.Response:
-    """`POST /v2/track`: exactly Outbound's track body."""
-    return await _handle(request, "outbound_track", from_outbound_track)
+    """`POST /v2/track`: Outbound's track body, as its libraries send it."""
+    return await _handle(request, _TRACK)
 
 
 async def post_outbound_identify(request: web.Request) -> web.Response:
-    """`POST /v2/identify`: exactly Outbound's identify body."""
-    return await _handle(request, "outbound_identify", from_outbound_identify)
+    """`POST /v2/identify`: Outbound's identify body, as its libraries send it."""
+    return await _handle(request, _IDENTIFY)
+
+
+async def post_outbound_track_batch(request: web.Request) -> web.Response:
+    """`POST /v2/track/batch`: an array of track bodies (server tokens only)."""
+    return await _handle(request, _TRACK_BATCH)
+
+
+async def post_outbound_identify_batch(request: web.Request) -> web.Response:
+    """`POST /v2/identify/batch`: an array of identify bodies (server tokens only)."""
+    return await _handle(request, _IDENTIFY_BATCH)
+
+
+def outbound_call_handlers() -> dict[str, Callable[[web.Request], Awaitable[web.Response]]]:
+    """The handler of each of Outbound's device token and subscription calls, by path
+    (server tokens only; each is relayed as the same call)."""
+
+    def handler(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def post_outbound_call(request: web.Request) -> web.Response:
+            return await _handle(request, route)
+
+        return post_outbound_call
+
+    return {path: handler(route) for path, route in _CALLS.items()}

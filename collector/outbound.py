@@ -31,6 +31,8 @@ PROFILE_FIELDS = (
     "timezone",
     "group_id",
     "group_attributes",
+    "apns",  # device token arrays, as the libraries send them (protected_traits)
+    "gcm",
 )
 PAGE_FIELDS = ("url", "path", "title", "referrer")
 # GUIDs of records queued before `identity.stamp_ids` gave new ones theirs (derived
@@ -142,6 +144,8 @@ def track_body(
     }
     if properties:
         body["properties"] = properties
+    if record.get("user"):  # the Python library's user details, passed on as they came
+        body["user"] = record["user"]
     return body
 
 
@@ -157,6 +161,9 @@ def calls_for(
     guid = record.get("guid") or header_safe_guid(record["message_id"])
     if record["type"] == "identify":
         return [Call("/v2/identify", identify_body(record), guid, "identify")]
+    if record["type"] == "call":  # a device token or subscription call: the same call again
+        body = {"user_id": subject(record), **record["fields"]}
+        return [Call(record["endpoint"], body, guid, record["endpoint"].removeprefix("/v2/"))]
     track = track_body(
         record,
         page_event_name=page_event_name,

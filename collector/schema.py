@@ -15,8 +15,25 @@ import orjson
 from jsonschema import Draft202012Validator, SchemaError, ValidationError
 from referencing import Registry, Resource
 
-Kind = Literal["event", "outbound_track", "outbound_identify"]
-_PACKAGED = ("envelope", "outbound_track", "outbound_identify")
+Kind = Literal[
+    "event",
+    "outbound_track",
+    "outbound_identify",
+    "outbound_register",
+    "outbound_disable",
+    "outbound_subscription",
+    "outbound_campaigns",
+]
+# Each Outbound-shaped kind is checked by the packaged schema of its name; events by envelope.
+OUTBOUND_KINDS: tuple[Kind, ...] = (
+    "outbound_track",
+    "outbound_identify",
+    "outbound_register",
+    "outbound_disable",
+    "outbound_subscription",
+    "outbound_campaigns",
+)
+_PACKAGED = ("envelope", *OUTBOUND_KINDS)
 _JSON_TYPES = {
     "object": "an object",
     "array": "an array",
@@ -388,21 +405,14 @@ class EventValidator:
         registry: Registry[Any] = Registry().with_resources(
             (schema["$id"], Resource.from_contents(schema)) for schema in packaged.values()
         )
+        names: dict[Kind, str] = {"event": "envelope", **{kind: kind for kind in OUTBOUND_KINDS}}
         self._envelopes: dict[Kind, Draft202012Validator] = {
-            "event": Draft202012Validator(packaged["envelope"], registry=registry),
-            "outbound_track": Draft202012Validator(packaged["outbound_track"], registry=registry),
-            "outbound_identify": Draft202012Validator(
-                packaged["outbound_identify"], registry=registry
-            ),
+            kind: Draft202012Validator(packaged[name], registry=registry)
+            for kind, name in names.items()
         }
         # jsonschema-rs answers "valid?" in about a microsecond; jsonschema stays the
         # authority and writes every error, so it runs whenever the fast answer is "no".
         fast_registry = jsonschema_rs.Registry([(s["$id"], s) for s in packaged.values()])
-        names: dict[Kind, str] = {
-            "event": "envelope",
-            "outbound_track": "outbound_track",
-            "outbound_identify": "outbound_identify",
-        }
         self._fast: dict[Kind, Callable[[object], bool]] = {
             kind: jsonschema_rs.validator_for(packaged[name], registry=fast_registry).is_valid
             if fast
@@ -433,7 +443,7 @@ class EventValidator:
             for error in self._envelopes[kind].iter_errors(event):
                 found.extend(describe(error))
         if not plainly_within(orjson.dumps(event) if encoded is None else encoded, self._shape):
-            for key in ("properties", "traits", "attributes", "group_attributes"):
+            for key in ("properties", "traits", "attributes", "group_attributes", "user"):
                 problem = shape_problem(event.get(key), self._shape, (key,))
                 if problem is not None:
                     found.append(problem)
@@ -485,8 +495,12 @@ class EventValidator:
 # Ids Outbound stores as text: 42 becomes "42", but 42.0 would become "42.0", another id.
 _ID_FIELDS: dict[Kind, tuple[tuple[str, ...], ...]] = {
     "event": (("user_id",), ("traits", "group_id")),
-    "outbound_track": (("user_id",),),
+    "outbound_track": (("user_id",), ("user", "group_id")),
     "outbound_identify": (("user_id",), ("previous_id",), ("group_id",)),
+    "outbound_register": (("user_id",),),
+    "outbound_disable": (("user_id",),),
+    "outbound_subscription": (("user_id",),),
+    "outbound_campaigns": (("user_id",),),
 }
 
 

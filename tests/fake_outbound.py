@@ -64,7 +64,11 @@ class FakeOutbound:
     async def start(self, port: int | None = None) -> None:
         """Listen on loopback; pass the old port to come back where the collector expects it."""
         app = web.Application()
-        app.router.add_post("/v2/{endpoint:track|identify}", self._handle)
+        app.router.add_post(
+            "/v2/{endpoint:track|identify|(?:apns|gcm)/(?:register|disable)"
+            "|(?:subscribe|unsubscribe)/(?:all|campaigns)}",
+            self._handle,
+        )
         self._server = TestServer(app, host="127.0.0.1", port=port)
         await self._server.start_server(ssl=self.tls)
 
