@@ -319,6 +319,31 @@ async def test_a_device_call_is_retried_like_any_event(
     ]
 
 
+async def test_a_refused_device_call_is_dead_lettered_and_the_user_goes_on(
+    guarded: Collector, fake: FakeOutbound
+) -> None:
+    fake.fail_next(Fault(400, body="unknown campaign"))
+    await python_post(guarded, "/unsubscribe/campaigns", {"user_id": 4, "campaign_ids": [9]})
+    await python_post(guarded, "/apns/register", {"user_id": 4, "token": "apns-4"})
+    (call,) = await fake.wait_for(1)
+    assert (call.endpoint, call.body) == ("apns/register", {"user_id": "4", "token": "apns-4"})
+
+    async def dead_lettered() -> bool:
+        return (await guarded.queue.stats()).dead_letters == 1
+
+    await eventually(dead_lettered)
+    with sqlite3.connect(guarded.queue.path) as db:
+        (body, status) = db.execute("SELECT body, status FROM dead_letters").fetchone()
+    record = orjson.loads(body)
+    assert (record["type"], record["endpoint"], record["fields"], status) == (
+        "call",
+        "/v2/unsubscribe/campaigns",
+        {"campaign_ids": [9]},
+        400,
+    )
+    assert record["client"] == "Python/1.2.1"
+
+
 @pytest.mark.parametrize(
     ("endpoint", "data", "path", "message"),
     [
