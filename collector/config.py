@@ -536,6 +536,11 @@ class Settings:
     )
     relay_concurrency: int = setting(16, _integer(1, 1024), "Outbound calls in flight at once.")
     relay_timeout: float = setting(10.0, _seconds, "Seconds before an Outbound call is abandoned.")
+    relay_batch_size: int = setting(
+        100,
+        _integer(1, 100),
+        "Most events in one /v2/track/batch or /v2/identify/batch call; 1 turns batching off.",
+    )
     retry_base: float = setting(1.0, _seconds, "First retry delay in seconds, doubled each time.")
     retry_cap: float = setting(300.0, _seconds, "Longest retry delay in seconds.")
     retry_window: float = setting(

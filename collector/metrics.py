@@ -15,7 +15,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # a series' absence, or a rate() over it, would otherwise wait for the first increment.
 REJECT_REASONS = ("invalid", "too_large", "not_allowed", "unverified_user")  # ingest.judge
 REFUSED_STATUSES = ("400", "401", "403", "408", "413", "415")  # ingest.RequestError
-RELAY_ENDPOINTS = ("/v2/identify", "/v2/track")  # outbound.calls_for
+# outbound.calls_for, outbound.BATCH_ENDPOINTS
+RELAY_ENDPOINTS = ("/v2/identify", "/v2/track", "/v2/identify/batch", "/v2/track/batch")
 RELAY_OUTCOMES = ("2xx", "4xx", "5xx", "network", "dry_run")  # relay.relay_outcome
 
 
@@ -71,6 +72,13 @@ class Metrics:
             ["endpoint", "outcome"],
             registry=r,
         )
+        self.relayed_events = Counter(
+            "collector_relay_events",
+            "Events carried by calls to Outbound (a batch call carries several), by endpoint "
+            "and outcome.",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
         self.retries = Counter("collector_retries", "Events scheduled for another try.", registry=r)
         self.dead_lettered = Counter(
             "collector_dead_lettered", "Events moved to the dead letters.", registry=r
@@ -105,6 +113,7 @@ class Metrics:
             self.relay_latency.labels(endpoint)
             for outcome in RELAY_OUTCOMES:
                 self.relayed.labels(endpoint, outcome)
+                self.relayed_events.labels(endpoint, outcome)
 
         # Read at scrape time from the latest queue statistics, which /metrics refreshes.
         self.queue_stats: tuple[int, float | None, int] = (0, None, 0)

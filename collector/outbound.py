@@ -7,6 +7,7 @@ import logging
 import ssl
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -50,6 +51,31 @@ class Call:
     body: dict[str, Any]
     guid: str
     name: str
+    batch: tuple[dict[str, Any], ...] = ()  # a batch call's items, sent instead of `body`
+
+    @property
+    def payload(self) -> dict[str, Any] | list[dict[str, Any]]:
+        """What the call sends: its body, or a batch call's items as a JSON array."""
+        return list(self.batch) if self.batch else self.body
+
+
+# Outbound's batch form of a call: a JSON array of the bodies the single calls carry.
+BATCH_ENDPOINTS = {"/v2/track": "/v2/track/batch", "/v2/identify": "/v2/identify/batch"}
+
+
+def batch_call(calls: Sequence[Call]) -> Call:
+    """One batch call of these calls to one endpoint, their bodies in order.
+
+    X-Outbound-GUID is per call, and a batch's items carry none, so the batch's GUID is
+    derived from its events' GUIDs in order: the same batch sent again (its answer lost) is
+    the same call for Outbound's dedupe, and any other batch, a half after a split among
+    them, is another call that a GUID of one of its events must not make a duplicate of.
+    """
+    endpoint = calls[0].endpoint
+    assert all(call.endpoint == endpoint and not call.batch for call in calls), "single calls"
+    guid = str(uuid.uuid5(_GUID_NAMESPACE, "batch\n" + "\n".join(c.guid for c in calls)))
+    items = tuple(call.body for call in calls)
+    return Call(BATCH_ENDPOINTS[endpoint], {}, guid, f"batch of {len(items)}", items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +322,7 @@ class HttpOutbound:
         try:
             async with session.post(
                 self._url(call.endpoint),
-                data=orjson.dumps(call.body),
+                data=orjson.dumps(call.payload),
                 headers={"X-Outbound-GUID": header_safe_guid(call.guid)},
                 proxy_headers=self._proxy_headers,
             ) as response:
@@ -357,7 +383,7 @@ class DryRunOutbound:
     """Stands in for Outbound when no key is set: says what it would send, sends nothing."""
 
     async def send(self, call: Call) -> Answer:
-        size = len(orjson.dumps(call.body))
+        size = len(orjson.dumps(call.payload))
         log.info("dry run: would POST %s %r (%d bytes)", call.endpoint, call.name, size)
         await asyncio.sleep(0)
         return Answer(202, "dry run", dry_run=True)

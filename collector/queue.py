@@ -78,10 +78,10 @@ class Queue(Protocol):
     """What the app and the relay need from a queue; SQLite is the embedded implementation.
 
     `put` returns only after the records are durable, and stores a message id seen
-    within the dedupe window only once. `claim` hands out, for each user, only the oldest
-    waiting event, so events of one user are delivered in order, and leases that user's
-    line until the event is acked, retried, released or dead-lettered (or the lease runs
-    out). Due lines go in the order they became due. Its cost depends on `limit`, not on
+    within the dedupe window only once. `claim` hands out each user's line from its oldest
+    waiting event (`depth` events of it at most), so events of one user are delivered in
+    order, and leases them until each is acked, retried, released or dead-lettered (or the
+    lease runs out). Due lines go in the order they became due. Its cost depends on `limit`, not on
     how many events wait, nor on how many lines are leased or in backoff.
     """
 
@@ -90,11 +90,16 @@ class Queue(Protocol):
     async def put(self, records: Sequence[Record]) -> int:
         """Store the records; returns how many were duplicates of recent message ids."""
 
-    async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]: ...
+    async def claim(self, limit: int, *, now: float, lease: float, depth: int = 1) -> list[Claimed]:
+        """Lease up to `limit` due lines, oldest due first: each line's events from its head,
+        `depth` at most, in the line's order (a user's events follow each other)."""
 
     async def ack(self, event_id: int, *, identified: bool = False) -> None:
         """Remove a delivered event; `identified`: its user's identify went through, which
         later claims of that user's events say (also after a restart)."""
+
+    async def ack_all(self, acked: Sequence[tuple[int, bool]]) -> None:
+        """`ack` for each (event id, identified), in one commit."""
 
     async def retry(self, event_id: int, *, available_at: float, error: str) -> None: ...
 
@@ -136,6 +141,9 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_key, id);
+-- The leased events (a claim may lease a line several events deep): voiding the leases of
+-- a process that died reads these few rows, not the backlog.
+CREATE INDEX IF NOT EXISTS events_leased ON events (lease_until) WHERE lease_until > 0;
 CREATE TABLE IF NOT EXISTS received (
     message_id TEXT PRIMARY KEY,
     received_at REAL NOT NULL
@@ -179,6 +187,11 @@ SELECT h.user_key, e.id, e.body, e.attempts, e.received_at,
 FROM heads AS h JOIN events AS e ON e.id = h.event_id
 WHERE h.due_at <= :now ORDER BY h.due_at, h.event_id LIMIT :limit
 """
+# The events behind a claimed head, in the line's order (a range of events_by_user).
+_BEHIND = (
+    "SELECT id, body, attempts, received_at FROM events WHERE user_key = ? AND id > ?"
+    " ORDER BY id LIMIT ?"
+)
 # The head of one user's line as the events table has it (none when the line is empty).
 _HEAD_OF = (
     "INSERT INTO heads (user_key, event_id, due_at)"
@@ -627,10 +640,9 @@ class SQLiteQueue:
             if self._owner:
                 # This process owns the file: leases held by a process that died are void.
                 # Those events may have reached Outbound already; they go again with the
-                # same GUID. Only heads are ever leased.
+                # same GUID. A claim leases lines from their heads (events_leased).
                 self.interrupted = connection.execute(
                     "UPDATE events SET lease_until = 0 WHERE lease_until > 0"
-                    " AND id IN (SELECT event_id FROM heads)"
                 ).rowcount
                 connection.execute(
                     "UPDATE heads SET due_at ="
@@ -1005,17 +1017,30 @@ class SQLiteQueue:
             )
         return outcomes
 
-    async def claim(self, limit: int, *, now: float, lease: float) -> list[Claimed]:
+    async def claim(self, limit: int, *, now: float, lease: float, depth: int = 1) -> list[Claimed]:
         def select_and_lease(connection: sqlite3.Connection) -> list[Claimed]:
-            rows = connection.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
+            heads = connection.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
             until = now + lease
+            claimed: list[Claimed] = []
+            users: list[str] = []
+            for user, event_id, body, attempts, received_at, identified in heads:
+                users.append(user)
+                claimed.append(
+                    Claimed(event_id, orjson.loads(body), attempts, received_at, bool(identified))
+                )
+                if depth > 1:
+                    claimed.extend(
+                        Claimed(i, orjson.loads(b), a, r, bool(identified))
+                        for i, b, a, r in connection.execute(_BEHIND, (user, event_id, depth - 1))
+                    )
             connection.executemany(
-                "UPDATE events SET lease_until = ? WHERE id = ?", [(until, r[1]) for r in rows]
+                "UPDATE events SET lease_until = ? WHERE id = ?", [(until, c.id) for c in claimed]
             )
             connection.executemany(
-                "UPDATE heads SET due_at = ? WHERE user_key = ?", [(until, r[0]) for r in rows]
+                "UPDATE heads SET due_at = ? WHERE user_key = ?",
+                [(until, user) for user in users],
             )
-            return [Claimed(r[1], orjson.loads(r[2]), r[3], r[4], bool(r[5])) for r in rows]
+            return claimed
 
         claimed: list[Claimed] = await self._submit(select_and_lease)
         return claimed
@@ -1058,6 +1083,14 @@ class SQLiteQueue:
     async def ack(self, event_id: int, *, identified: bool = False) -> None:
         # Acks of one commit go together into one statement, as puts do.
         await self._next_commit(self._acks, event_id, identified)
+
+    async def ack_all(self, acked: Sequence[tuple[int, bool]]) -> None:
+        if not acked:
+            return
+        # One future for them all: a batch's events are acked without a task each.
+        future = self._next_commit(self._acks, *acked[0])
+        self._acks.extend((event_id, identified, future) for event_id, identified in acked[1:])
+        await future
 
     @staticmethod
     def _remember_identified(connection: sqlite3.Connection, event_ids: list[int]) -> None:

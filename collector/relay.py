@@ -10,15 +10,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .config import Settings
-from .enrich import Record
 from .live import DebugHub
 from .logs import Repeats
 from .metrics import Metrics
-from .outbound import Answer, Call, Outbound, calls_for, subject
-from .queue import Claimed, Queue, QueueUnavailable
+from .outbound import BATCH_ENDPOINTS, Answer, Call, Outbound, batch_call, calls_for, subject
+from .queue import Claimed, Queue, QueueUnavailable, user_key
 
 log = logging.getLogger("collector.relay")
 
@@ -32,6 +31,11 @@ ENDPOINT_RUN = 3
 MAX_RETRY_AFTER = 3600.0
 IDLE_POLL = 1.0
 IDENTIFIED_MEMORY = 100_000
+# Seconds of single calls after a batch endpoint answered 404/405 (an Outbound without it).
+BATCH_FALLBACK = 600.0
+# An event's outcome: the answer to its (last) call, and whether an identify of its went
+# through in this delivery (the ack remembers it for good).
+Sent = tuple[Claimed, Answer, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,9 @@ class Decision:
     action: Literal["ack", "retry", "dead", "pause"]
     delay: float = 0.0
     reason: str = ""
+
+
+ACK = Decision("ack")
 
 
 def relay_outcome(answer: Answer) -> str:
@@ -180,6 +187,29 @@ class Breaker:
         return not was_open
 
 
+def refused(answer: Answer) -> bool:
+    """Outbound refused what was sent (a 4xx about the events, not the key nor the rate)."""
+    status = answer.status
+    return (
+        status is not None
+        and 400 <= status < 500
+        and status not in RETRYABLE_STATUSES | AUTH_STATUSES | ENDPOINT_STATUSES
+    )
+
+
+def lines(claimed: list[Claimed]) -> list[list[Claimed]]:
+    """The claimed events by line: a claim hands each user's events out together, in order."""
+    found: list[list[Claimed]] = []
+    previous = None
+    for item in claimed:
+        key = user_key(item.record)
+        if key != previous or not found:
+            found.append([])
+            previous = key
+        found[-1].append(item)
+    return found
+
+
 class Relay:
     """The background worker between the queue and Outbound (start, wake, close, healthy)."""
 
@@ -209,6 +239,8 @@ class Relay:
         self._runner: asyncio.Task[None] | None = None
         self.breaker = Breaker(settings.breaker_threshold, settings.probe_interval)
         self.endpoints = EndpointWatch()
+        self._singles_until = 0.0  # batch endpoints answered 404/405: single calls till then
+        self._told_singles = False
         self._repeats = Repeats(log)  # lines a full disk would repeat every poll
 
     @property
@@ -245,8 +277,14 @@ class Relay:
             )
             claimed: list[Claimed] = []
             if free > 0:
+                # A line several events deep under one lease: a user with many events
+                # goes as batches, one call at a time, in order. While the circuit is open
+                # the probe is one event.
+                depth = 1 if breaker.is_open else settings.relay_batch_size
                 try:
-                    claimed = await self._queue.claim(free, now=now, lease=settings.lease_seconds)
+                    claimed = await self._queue.claim(
+                        free, now=now, lease=settings.lease_seconds, depth=depth
+                    )
                 except QueueUnavailable as error:
                     self._repeats.log(
                         logging.ERROR,
@@ -256,9 +294,9 @@ class Relay:
                     )
             if breaker.is_open and claimed:
                 breaker.probing(now)
-            for item in claimed:
+            for line in lines(claimed):
                 self._calling += 1
-                task = asyncio.create_task(self._deliver(item))
+                task = asyncio.create_task(self._deliver(line))
                 self._inflight.add(task)
                 task.add_done_callback(self._finished)
             if not claimed:
@@ -274,54 +312,55 @@ class Relay:
         if not task.cancelled() and task.exception() is not None:
             log.error("relay delivery failed unexpectedly", exc_info=task.exception())
 
-    async def _deliver(self, item: Claimed) -> None:
-        settings, record = self._settings, item.record
-        who = subject(record)
-        calls = calls_for(
-            record,
-            identified=item.identified or who in self._identified,
-            page_event_name=settings.page_event_name,
-            context_property=settings.context_property,
-            forward_ip=settings.forward_ip != "off",
-        )
-        answer = Answer(None, "no call made")
-        identified = False  # in this delivery, so that the ack remembers it for good
+    async def _deliver(self, line: list[Claimed]) -> None:
+        settings = self._settings
+        sent: list[Sent] = []
         try:
-            for call in calls:
-                started = time.perf_counter()
-                answer = await self._outbound.send(call)
-                self._observe(call, answer, record, time.perf_counter() - started)
-                if not answer.ok:
-                    break
-                if call.endpoint == "/v2/identify":
-                    self._remember(who)
-                    identified = True
+            sent = await self._send_line(line)
         finally:
-            # The calls are done: the next event may start while this outcome is recorded
-            # (in the same commit as the claim that fetches it, as like as not).
+            # The calls are done: the next events may start while these outcomes are recorded
+            # (in the same commit as the claim that fetches them, as like as not).
             self._calling -= 1
             self._wake.set()
         now = self._clock()
         jitter = self._jitter()
-        decision = decide(
-            answer,
-            attempts=item.attempts,
-            age=now - item.received_at,
-            base=settings.retry_base,
-            cap=settings.retry_cap,
-            window=settings.retry_window,
-            jitter=jitter,
-        )
-        held = Decision(
-            "retry",
-            delay=backoff(item.attempts, settings.retry_base, settings.retry_cap, jitter),
-            reason=f"Outbound answered {answer.status}; held until other events show whether "
-            "the endpoint is there",
-        )
-        decision = self.endpoints.judge(decision, answer, record["message_id"], held=held)
-        change = self._update_breaker(decision, now, answer)
+        change: str | None = None
+        outcomes = []
+        acked: list[tuple[int, bool]] = []
+        for item, answer, identified in sent:
+            decision = held = ACK
+            if not answer.ok:
+                decision = decide(
+                    answer,
+                    attempts=item.attempts,
+                    age=now - item.received_at,
+                    base=settings.retry_base,
+                    cap=settings.retry_cap,
+                    window=settings.retry_window,
+                    jitter=jitter,
+                )
+                held = Decision(
+                    "retry",
+                    delay=backoff(item.attempts, settings.retry_base, settings.retry_cap, jitter),
+                    reason=f"Outbound answered {answer.status}; held until other events show "
+                    "whether the endpoint is there",
+                )
+            decision = self.endpoints.judge(decision, answer, item.record["message_id"], held=held)
+            change = self._update_breaker(decision, now, answer) or change
+            if decision.action == "ack":
+                acked.append((item.id, identified and not item.identified))
+            else:
+                outcomes.append(
+                    self._record_outcome(item, decision, answer, now, identified=identified)
+                )
+        outcomes.append(self._queue.ack_all(acked))
+        # Events behind one that failed were not delivered: they go again after it, in order.
+        outcomes += [self._queue.release(item.id) for item in line[len(sent) :]]
         try:
-            await self._record_outcome(item, decision, answer, now, identified=identified)
+            # Together, so that the line's outcomes share a commit.
+            for result in await asyncio.gather(*outcomes, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
             if change is not None:
                 # Backoffs set before would hold the backlog back: when the circuit opens,
                 # the probes pace the attempts; when it closes, everything waiting is due.
@@ -335,27 +374,130 @@ class Relay:
                 logging.ERROR,
                 "outcome",
                 "could not record the outcome for event %s (%s); it goes again after its lease",
-                record["message_id"],
+                line[0].record["message_id"],
                 error,
             )
 
-    def _observe(self, call: Call, answer: Answer, record: Record, seconds: float) -> None:
+    def _calls(self, item: Claimed) -> list[Call]:
+        settings = self._settings
+        return calls_for(
+            item.record,
+            identified=item.identified or subject(item.record) in self._identified,
+            page_event_name=settings.page_event_name,
+            context_property=settings.context_property,
+            forward_ip=settings.forward_ip != "off",
+        )
+
+    async def _send_line(self, line: list[Claimed]) -> list[Sent]:
+        """Send one user's events in order, consecutive calls to one endpoint as one batch;
+        the outcomes of the events up to the first that failed (the rest were not sent)."""
+        sent: list[Sent] = []
+        index = 0
+        while index < len(line):
+            item = line[index]
+            calls = self._calls(item)
+            identified = False
+            if len(calls) == 2:  # Outbound wants an identify before this user's first track
+                answer = await self._send_one(calls[0], item)
+                if not answer.ok:
+                    return [*sent, (item, answer, False)]
+                self._remember(subject(item.record))
+                identified = True
+            run = [(item, calls[-1])]
+            index += 1
+            batches = run[0][1].endpoint in BATCH_ENDPOINTS  # others have no batch form
+            while batches and index < len(line) and len(run) < self._settings.relay_batch_size:
+                following = self._calls(line[index])
+                if len(following) != 1 or following[0].endpoint != run[0][1].endpoint:
+                    break
+                run.append((line[index], following[0]))
+                index += 1
+            answers = await self._send_run(run)
+            for (item, call), answer in zip(run, answers, strict=False):
+                if answer.ok and call.endpoint == "/v2/identify":
+                    self._remember(subject(item.record))
+                    sent.append((item, answer, True))
+                else:
+                    sent.append((item, answer, identified and item is run[0][0]))
+            if len(answers) < len(run) or not answers[-1].ok:
+                return sent
+        return sent
+
+    async def _send_run(self, run: list[tuple[Claimed, Call]]) -> list[Answer]:
+        """Send calls to one endpoint, as one batch when there are several; the answers of
+        the first ones, up to the first that is not a success. A batch refused with a 4xx is
+        split in halves until the events Outbound refuses are found."""
+        if len(run) == 1:
+            return [await self._send_one(run[0][1], run[0][0])]
+        if self._clock() < self._singles_until:
+            answers: list[Answer] = []
+            for item, call in run:
+                answers.append(await self._send_one(call, item))
+                if not answers[-1].ok:
+                    break
+            return answers
+        call = batch_call([call for _, call in run])
+        answer = await self._send(call, [(item, single.body) for item, single in run])
+        if answer.ok:
+            return [answer] * len(run)
+        if answer.status in ENDPOINT_STATUSES:
+            self._singles_until = self._clock() + BATCH_FALLBACK
+            if not self._told_singles:
+                self._told_singles = True
+                log.warning(
+                    "Outbound answered %s to %s: sending single calls instead for %g s",
+                    answer.status,
+                    call.endpoint,
+                    BATCH_FALLBACK,
+                )
+            return await self._send_run(run)
+        if refused(answer):
+            half = len(run) // 2
+            left = await self._send_run(run[:half])
+            if len(left) < half or not left[-1].ok:
+                return left
+            return left + await self._send_run(run[half:])
+        return [answer]  # the whole batch goes again, after its first event's backoff
+
+    async def _send_one(self, call: Call, item: Claimed) -> Answer:
+        return await self._send(call, [(item, call.body)])
+
+    async def _send(self, call: Call, events: list[tuple[Claimed, Any]]) -> Answer:
+        """Make the call; `events`: each event it carries, with its part of the body."""
+        started = time.perf_counter()
+        answer = await self._outbound.send(call)
+        self._observe(call, answer, events, time.perf_counter() - started)
+        return answer
+
+    def _observe(
+        self,
+        call: Call,
+        answer: Answer,
+        events: list[tuple[Claimed, Any]],
+        seconds: float,
+    ) -> None:
         outcome = relay_outcome(answer)
         self._metrics.relayed.labels(call.endpoint, outcome).inc()
+        self._metrics.relayed_events.labels(call.endpoint, outcome).inc(len(events))
         self._metrics.relay_latency.labels(call.endpoint).observe(seconds)
         if self._hub.watched:
-            self._hub.publish(
-                {
-                    "kind": "call",
-                    "message_id": record["message_id"],
-                    "anonymous_id": record.get("anonymous_id"),
-                    "endpoint": call.endpoint,
-                    "body": call.body,
-                    "outcome": "dry_run" if answer.dry_run else "sent" if answer.ok else "failed",
-                    "status": answer.status,
-                    "detail": answer.detail[:200],
-                }
-            )
+            for item, body in events:
+                self._hub.publish(
+                    {
+                        "kind": "call",
+                        "message_id": item.record["message_id"],
+                        "anonymous_id": item.record.get("anonymous_id"),
+                        "endpoint": call.endpoint,
+                        "body": body,
+                        "outcome": "dry_run"
+                        if answer.dry_run
+                        else "sent"
+                        if answer.ok
+                        else "failed",
+                        "status": answer.status,
+                        "detail": answer.detail[:200],
+                    }
+                )
 
     async def _record_outcome(
         self, item: Claimed, decision: Decision, answer: Answer, now: float, *, identified: bool

@@ -7,6 +7,7 @@ import json
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ class Received:
     body: dict[str, Any]
     headers: dict[str, str]
     at: float
+    batch: int = 0  # the size of the batch call that carried it; 0: a single call
 
 
 @dataclass
@@ -50,6 +52,10 @@ class FakeOutbound:
     latency: float = 0.0  # seconds before every answer, faults or not
     tls: ssl.SSLContext | None = None  # serve https with this context's certificate
     every: tuple[int, Fault] | None = None  # (n, fault): every n-th request gets the fault
+    # An event (a single call's body, a batch's item) this returns True for is refused with
+    # a 400, and so is a batch holding it: Outbound takes a batch whole or not at all.
+    refuse: Callable[[dict[str, Any]], bool] | None = None
+    batches: bool = True  # False: the batch endpoints answer 404, as an Outbound without them
     _server: TestServer | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -69,6 +75,7 @@ class FakeOutbound:
             "|(?:subscribe|unsubscribe)/(?:all|campaigns)}",
             self._handle,
         )
+        app.router.add_post("/v2/{endpoint:track|identify}/batch", self._handle)
         self._server = TestServer(app, host="127.0.0.1", port=port)
         await self._server.start_server(ssl=self.tls)
 
@@ -105,6 +112,10 @@ class FakeOutbound:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         endpoint = request.match_info["endpoint"]
+        batch = request.path.endswith("/batch")
+        if batch and not self.batches:
+            self.attempts.append((f"{endpoint}/batch", time.time(), 404))
+            return web.Response(status=404, text="not found")
         fault = self.faults.popleft() if self.faults else self.always
         if (
             fault is None
@@ -113,7 +124,7 @@ class FakeOutbound:
         ):
             fault = self.every[1]
         status = fault.status if fault else 200
-        self.attempts.append((endpoint, time.time(), status))
+        self.attempts.append((f"{endpoint}/batch" if batch else endpoint, time.time(), status))
         self._changed.set()
         if self.latency:
             await asyncio.sleep(self.latency)
@@ -132,11 +143,22 @@ class FakeOutbound:
             body = json.loads(await request.read())
         except ValueError:
             return web.Response(status=500)  # what Outbound answers to malformed JSON
-        if not isinstance(body, dict) or not body.get("user_id"):
-            return web.Response(status=400, text="user_id is required")
-        if endpoint == "track" and not body.get("event"):
-            return web.Response(status=400, text="event is required")
-        self.received.append(Received(endpoint, body, dict(request.headers), time.time()))
+        items = body if batch else [body]
+        if batch and not isinstance(body, list):
+            return web.Response(status=400, text="a batch is an array")
+        if batch and not 1 <= len(items) <= 100:
+            return web.Response(status=400, text="a batch holds 1 to 100 items")
+        for item in items:
+            if not isinstance(item, dict) or not item.get("user_id"):
+                return web.Response(status=400, text="user_id is required")
+            if endpoint == "track" and not item.get("event"):
+                return web.Response(status=400, text="event is required")
+            if self.refuse is not None and self.refuse(item):
+                return web.Response(status=400, text="event refused")
+        headers, at = dict(request.headers), time.time()
+        self.received += [
+            Received(endpoint, item, headers, at, len(items) if batch else 0) for item in items
+        ]
         self._changed.set()
         if fault is not None and fault.drop_after:
             assert request.transport is not None

@@ -272,8 +272,9 @@ async def test_events_wait_in_the_outbox_while_the_collector_is_down(
     # Each event reached the restarted collector exactly once: the reload's page view and
     # the two tracks.
     assert site.collector.queue.stored == 3
-    guids = [r.headers["X-Outbound-GUID"] for r in site.fake.tracks()]
-    assert len(set(guids)) == len(guids) == 4
+    # And Outbound had each once: two page views and the two tracks (the relay may carry
+    # several in one batch call, whose GUID is the batch's).
+    assert len(site.fake.tracks()) == 4
     assert await page.evaluate("JSON.parse(localStorage.getItem('outbound:outbox')).length") == 0
 
 

@@ -46,8 +46,14 @@ class Load:
             while not self._stop.is_set():
                 ids = [f"k{self.sent + i}" for i in range(BATCH)]
                 self.sent += BATCH
+                # The id in a property too: a batch call carries one GUID for its events.
                 batch = [
-                    {"event": "order", "user_id": f"u{int(i[1:]) % 25}", "message_id": i}
+                    {
+                        "event": "order",
+                        "user_id": f"u{int(i[1:]) % 25}",
+                        "message_id": i,
+                        "properties": {"id": i},
+                    }
                     for i in ids
                 ]
                 try:
@@ -105,7 +111,7 @@ async def interrupt_under_load(
     expected = load.acknowledged
 
     def settled() -> bool:
-        delivered = {r.headers["X-Outbound-GUID"] for r in fake.tracks()}
+        delivered = {r.body["properties"]["id"] for r in fake.tracks()}
         return expected <= delivered | dead_letter_ids(data_dir)
 
     try:
@@ -117,7 +123,7 @@ async def interrupt_under_load(
 
 
 def report(name: str, load: Load, fake: FakeOutbound, data_dir: Path) -> int:
-    guids = Counter(r.headers["X-Outbound-GUID"] for r in fake.tracks())
+    guids = Counter(r.body["properties"]["id"] for r in fake.tracks())
     delivered = set(guids) & load.acknowledged
     dead = dead_letter_ids(data_dir) & load.acknowledged
     lost = load.acknowledged - delivered - dead

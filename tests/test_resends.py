@@ -21,7 +21,8 @@ async def test_connections_closed_after_outbound_took_the_call(
     caplog.set_level(logging.INFO, logger="collector.relay")
     closes = Fault(status=599, drop_after=True)  # the status marks it in fake.attempts
     fake.every = (5, closes)
-    collector = await start_collector(relay_concurrency=8)
+    # One call an event, so that each call's GUID names its event (a batch's names the batch).
+    collector = await start_collector(relay_concurrency=8, relay_batch_size=1)
     guids = [f"m{i}" for i in range(200)]
     for start in range(0, len(guids), 20):
         batch = [
