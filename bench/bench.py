@@ -693,6 +693,21 @@ def prefill(
     asyncio.run(fill())
 
 
+FEW_USERS = 5  # the issue's "few users": 5 users, 20,000 events each
+
+
+def measure_relay(work: Path, schemas: Path, smoke: bool) -> list[dict[str, Any]]:
+    """The relay's rows: many users and few, Outbound answering at once and after 50 ms,
+    relay concurrency 64."""
+    events = 2_000 if smoke else 100_000
+    return [
+        drain(work, schemas, events, 0.0, 64),
+        drain(work, schemas, events, 0.05, 64),
+        drain(work, schemas, events, 0.0, 64, users=FEW_USERS),
+        drain(work, schemas, events, 0.05, 64, users=FEW_USERS),
+    ]
+
+
 def drain(
     work: Path,
     schemas: Path,
@@ -700,19 +715,23 @@ def drain(
     delay: float,
     concurrency: int,
     code: Path | None = None,
+    *,
+    users: int | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Relay a prefilled queue to the fake Outbound (`code`: another version's collector)."""
+    """Relay a prefilled queue to the fake Outbound (`code`: another version's collector):
+    `users` lines (by default 8 a call in flight, 1,000 at least), batches of `batch_size`
+    (by default the collector's own)."""
     data_dir = Path(tempfile.mkdtemp(dir=work))
-    users = max(concurrency * 8, 1000)
+    few = users is not None
+    users = users or max(concurrency * 8, 1000)
     prefill(data_dir, events, users)
     outbound = start_outbound(delay)
-    collector = start_collector(
-        data_dir,
-        schemas,
-        outbound.port,
-        ["--relay-concurrency", str(concurrency), "--relay-timeout", "10", "--lease-seconds", "60"],
-        code=code,
-    )
+    options = ["--relay-concurrency", str(concurrency), "--relay-timeout", "10"]
+    options += ["--lease-seconds", "60"]
+    if batch_size is not None:
+        options += ["--relay-batch-size", str(batch_size)]
+    collector = start_collector(data_dir, schemas, outbound.port, options, code=code)
     cpu_before = collector.cpu_seconds()  # after start-up, which is not the relay's work
     try:
         while (count := outbound_call(outbound.port, "/count"))["tracks"] < events:
@@ -726,9 +745,18 @@ def drain(
         outbound.stop()
     limit = concurrency / delay if delay else None
     rate = (events - 1) / elapsed
+    name = f"drain {events:,} events, Outbound answers " + (
+        "at once" if not delay else f"after {delay * 1000:.0f} ms"
+    )
+    if few:
+        name = f"few users: {users} × {events // users:,} events, Outbound answers " + (
+            "at once" if not delay else f"after {delay * 1000:.0f} ms"
+        )
+    if batch_size is not None:
+        name += f", batches of {batch_size}"
     return {
-        "name": f"drain {events:,} events, Outbound answers "
-        + ("at once" if not delay else f"after {delay * 1000:.0f} ms"),
+        "name": name,
+        "users": users,
         "concurrency": concurrency,
         "events_per_second": rate,
         "calls_per_second": calls / elapsed,
@@ -1143,20 +1171,14 @@ def targets(results: Results) -> list[tuple[str, str, bool]]:
         p99 = row.half.p99_ms
         found.append((f"p99 at half load ≤ 10 ms: {row.name}", f"{p99:.2f} ms", p99 <= 10))
     for relay in results.relay:
-        if relay["limit"]:
-            ratio = relay["ratio_to_limit"]
-            found.append(
-                (
-                    "relay ≥ 0.9 of concurrency ÷ latency, slow Outbound",
-                    f"{ratio:.2f}",
-                    ratio >= 0.9,
-                )
-            )
-        else:
-            rate = relay["events_per_second"]
-            found.append(
-                ("relay ≥ 5,000 events/s, Outbound at once", f"{rate:,.0f}", rate >= 5_000)
-            )
+        rate = relay["events_per_second"]
+        if relay.get("users", 1000) <= FEW_USERS:
+            if not relay["limit"]:
+                what = f"relay ≥ 10,000 events/s, {FEW_USERS} users, Outbound at once"
+                found.append((what, f"{rate:,.0f}", rate >= 10_000))
+            continue
+        when = "slow Outbound (50 ms)" if relay["limit"] else "Outbound at once"
+        found.append((f"relay ≥ 20,000 events/s, {when}", f"{rate:,.0f}", rate >= 20_000))
     if results.memory:
         peak = results.memory["peak_rss_mb"]
         found.append(
@@ -1169,6 +1191,24 @@ def targets(results: Results) -> list[tuple[str, str, bool]]:
     size = results.script_gzip_bytes
     found.append((f"script ≤ {SCRIPT_BUDGET:,} bytes gzipped", f"{size:,}", size <= SCRIPT_BUDGET))
     return found
+
+
+def relay_table(relays: list[dict[str, Any]]) -> str:
+    """The relay's drains: events and calls a second (a batch call carries up to 100)."""
+    out = [
+        "| relay | concurrency | events/s | calls/s | limit (concurrency ÷ latency) | ratio "
+        "| CPU µs / event |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for relay in relays:
+        limit = f"{relay['limit']:,.0f} calls/s" if relay["limit"] else "-"
+        ratio = f"{relay['ratio_to_limit']:.2f}" if relay["ratio_to_limit"] else "-"
+        out.append(
+            f"| {relay['name']} | {relay['concurrency']} | {relay['events_per_second']:,.0f} | "
+            f"{relay['calls_per_second']:,.0f} | {limit} | {ratio} "
+            f"| {relay['cpu_us_per_event']:.0f} |"
+        )
+    return "\n".join(out)
 
 
 def table(results: Results) -> str:
@@ -1188,18 +1228,7 @@ def table(results: Results) -> str:
             f"at {half.requests_per_second:,.0f} | "
             f"{row.cpu_per_10k:.2f} | {row.peak_rss_mb:.0f} |"
         )
-    out += [
-        "",
-        "| relay | concurrency | events/s | calls/s | limit (concurrency ÷ latency) | ratio |",
-        "|---|---|---|---|---|---|",
-    ]
-    for relay in results.relay:
-        limit = f"{relay['limit']:,.0f} calls/s" if relay["limit"] else "-"
-        ratio = f"{relay['ratio_to_limit']:.2f}" if relay["ratio_to_limit"] else "-"
-        out.append(
-            f"| {relay['name']} | {relay['concurrency']} | {relay['events_per_second']:,.0f} | "
-            f"{relay['calls_per_second']:,.0f} | {limit} | {ratio} |"
-        )
+    out += ["", relay_table(results.relay)]
     m = results.memory
     if m:
         waiting, draining = m["rss_waiting_mb"], m["rss_draining_mb"]
@@ -1370,6 +1399,9 @@ def main() -> None:
         "--only-skew", action="store_true", help="only the skewed drains (no RESULTS.md)"
     )
     parser.add_argument(
+        "--only-relay", action="store_true", help="only the relay's drains (no RESULTS.md)"
+    )
+    parser.add_argument(
         "--only-attack", action="store_true", help="only the row under attack (no RESULTS.md)"
     )
     args = parser.parse_args()
@@ -1382,6 +1414,12 @@ def main() -> None:
         schemas.mkdir()
         (schemas / "renewMembership.json").write_text(json.dumps(SCHEMA))
         results = Results(script_gzip_bytes=script_size(), previous=args.previous)
+        if args.only_relay:
+            results.relay = measure_relay(work, schemas, args.smoke)
+            print(relay_table(results.relay))
+            for what, measured, met in targets(results):
+                print(f"{what}: {measured} ({'met' if met else 'NOT met'})")
+            return
         results.attack = measure_attack(work, schemas, seconds, rounds)
         if args.only_attack:
             print(attack_table(results.attack))
@@ -1404,10 +1442,7 @@ def main() -> None:
                 work, schemas, previous, seconds, rounds, 1_000 if args.smoke else 20_000
             )
         results.stages = measure_stages(work, schemas, seconds, rounds)
-        results.relay = [
-            drain(work, schemas, 2_000 if args.smoke else 100_000, 0.0, 16),
-            drain(work, schemas, 500 if args.smoke else 100_000, 0.05, 16 if args.smoke else 64),
-        ]
+        results.relay = measure_relay(work, schemas, args.smoke)
         results.memory = memory_flat(
             work, schemas, 20_000 if args.smoke else 1_000_000, 2 if args.smoke else 15
         )

@@ -105,7 +105,10 @@ class FakeOutbound(asyncio.Protocol):
             loop.call_later(self.delay, self.send, int(state["status"]))
         else:
             state["calls"] += 1
-            state["tracks"] += path == "/v2/track"
+            if path == "/v2/track":
+                state["tracks"] += 1
+            elif path == "/v2/track/batch":  # an array of tracks
+                state["tracks"] += len(json.loads(body))
             # When the first and the latest call came: the relay's pace, without its start-up.
             state["first"] = state["first"] or time.time()
             state["last"] = time.time()

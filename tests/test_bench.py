@@ -134,8 +134,10 @@ def test_targets_are_judged_at_their_thresholds() -> None:
             row(FULL_DURABILITY.name, 1, 4_000, 30.0, 0.2),
         ],
         relay=[
-            {"limit": None, "ratio_to_limit": None, "events_per_second": 4_999.0},
-            {"limit": 1_280.0, "ratio_to_limit": 0.9, "events_per_second": 1_150.0},
+            {"limit": None, "users": 1000, "events_per_second": 19_999.0},
+            {"limit": 1_280.0, "users": 1000, "events_per_second": 20_000.0},
+            {"limit": None, "users": 5, "events_per_second": 10_000.0},
+            {"limit": 1_280.0, "users": 5, "events_per_second": 100.0},  # no target
         ],
         memory={"queued": 1_000_000, "peak_rss_mb": 150.5},
         script_gzip_bytes=2_000,
@@ -145,8 +147,9 @@ def test_targets_are_judged_at_their_thresholds() -> None:
         ("batched ingest ≥ 40,000 events/s", False),  # 39,999
         ("p99 at half load ≤ 10 ms", True),
         ("p99 at half load ≤ 10 ms", False),
-        ("relay ≥ 5,000 events/s, Outbound at once", False),
-        ("relay ≥ 0.9 of concurrency ÷ latency, slow Outbound", True),
+        ("relay ≥ 20,000 events/s, Outbound at once", False),
+        ("relay ≥ 20,000 events/s, slow Outbound (50 ms)", True),
+        ("relay ≥ 10,000 events/s, 5 users, Outbound at once", True),
         ("peak RSS ≤ 150 MB, 1,000,000 queued events", False),
         ("script ≤ 2,000 bytes gzipped", True),
     ]
