@@ -32,7 +32,7 @@ from .live import DebugHub
 from .logs import Repeats, counted, request_ids
 from .metrics import Metrics
 from .outbound import DryRunOutbound, HttpOutbound, Outbound
-from .queue import SQLiteQueue
+from .queue import QueueUnavailable, SQLiteQueue
 from .relay import Relay
 from .schema import EventValidator, Shape, load_event_schemas
 from .script import Script, static_file
@@ -96,7 +96,11 @@ async def relay_context(app: web.Application) -> AsyncIterator[None]:
     await relay.close()
     if client is not None:
         await client.close()
-    stats = await app[QUEUE].stats()
+    try:
+        stats = await app[QUEUE].stats()
+    except QueueUnavailable as error:  # a damaged or unreadable file: say so, stop cleanly
+        log.error("stopped; the queue cannot be read: %s", error)
+        return
     log.info(
         "stopped with %s queued, %s",
         counted(stats.depth, "event"),
