@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from collector import queue as queue_module
 from collector.queue import SQLiteQueue
+from collector.queue import sqlite as queue_module
 
 NOW = 1_700_000_000.0
 PUTTERS = 64

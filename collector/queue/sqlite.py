@@ -1,11 +1,10 @@
-"""Queue: durable storage of accepted events until Outbound has them (SQLite, group commit)."""
+"""The embedded queue: accepted events in one SQLite file until Outbound has them (group commit)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import fcntl
-import functools
 import logging
 import os
 import sqlite3
@@ -14,118 +13,30 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
-from .enrich import Record
-from .limits import ip_bucket
-from .logs import Repeats, counted
+from ..enrich import Record
+from ..logs import Repeats, counted
+from .base import (
+    Claimed,
+    DeadLetterFilter,
+    QueueDamaged,
+    QueueFull,
+    QueueLocked,
+    QueueRefused,
+    QueueStats,
+    QueueUnavailable,
+    client_key,
+    dedupe_key,
+    share_key,
+    user_key,
+)
 
 log = logging.getLogger("collector.queue")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """An event reserved for one delivery attempt."""
-
-    id: int
-    record: Record
-    attempts: int
-    received_at: float
-    identified: bool = False  # Outbound has had an identify for this user (kept across restarts)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueStats:
-    depth: int
-    oldest_received_at: float | None  # of the event first in line
-    dead_letters: int
-
-
-class QueueUnavailable(Exception):
-    """The queue could not commit; nothing of the failed operation was stored."""
-
-
-class QueueFull(QueueUnavailable):
-    """The queue holds as many events or bytes as it may (for this sender); nothing was stored.
-
-    `limit` names the setting that refused: queue_max_events, queue_max_bytes (on disk),
-    queue_browser_share (the room kept for server tokens) or queue_share_per_ip.
-    """
-
-    def __init__(self, message: str, limit: str) -> None:
-        super().__init__(message)
-        self.limit = limit
-
-
-class QueueRefused(Exception):
-    """The queue file cannot be opened as it is: one line naming the file and what is wrong."""
-
-
-class QueueDamaged(QueueRefused):
-    """The queue file (or its log) is empty, truncated, foreign, unreadable or corrupt."""
-
-
-class QueueLocked(QueueRefused):
-    """Another process serves from this queue file."""
-
-
-class Queue(Protocol):
-    """What the app and the relay need from a queue; SQLite is the embedded implementation.
-
-    `put` returns only after the records are durable, and stores a message id seen
-    within the dedupe window only once. `claim` hands out each user's line from its oldest
-    waiting event (`depth` events of it at most), so events of one user are delivered in
-    order, and leases them until each is acked, retried, released or dead-lettered (or the
-    lease runs out). Due lines go in the order they became due. Its cost depends on `limit`, not on
-    how many events wait, nor on how many lines are leased or in backoff.
-    """
-
-    depth: int  # events waiting, as the queue last counted them (no I/O to read it)
-
-    async def put(self, records: Sequence[Record]) -> int:
-        """Store the records; returns how many were duplicates of recent message ids."""
-
-    async def claim(self, limit: int, *, now: float, lease: float, depth: int = 1) -> list[Claimed]:
-        """Lease up to `limit` due lines, oldest due first: each line's events from its head,
-        `depth` at most, in the line's order (a user's events follow each other)."""
-
-    async def ack(self, event_id: int, *, identified: bool = False) -> None:
-        """Remove a delivered event; `identified`: its user's identify went through, which
-        later claims of that user's events say (also after a restart)."""
-
-    async def ack_all(self, acked: Sequence[tuple[int, bool]]) -> None:
-        """`ack` for each (event id, identified), in one commit."""
-
-    async def retry(self, event_id: int, *, available_at: float, error: str) -> None: ...
-
-    async def release(self, event_id: int) -> None: ...
-
-    async def reset_backoff(self, now: float) -> None:
-        """Make every waiting event due now (Outbound is back)."""
-
-    async def dead_letter(
-        self, event_id: int, *, reason: str, status: int | None, response: str, now: float
-    ) -> None: ...
-
-    async def stats(self) -> QueueStats: ...
-
-    async def probe(self, now: float) -> bool:
-        """Try a real write of a realistic size; True when the queue can store events again."""
-
-    async def note(self, key: str, value: object) -> None:
-        """Keep a small fact (like the relay's state) for tools that read the data directory."""
-
-    @property
-    def healthy(self) -> bool: ...
-
-    @property
-    def damaged(self) -> str | None:
-        """What is wrong when the queue found its storage corrupt (it then refuses puts)."""
 
 
 _SCHEMA = """
@@ -297,28 +208,6 @@ def damage(error: BaseException) -> bool:
     return code in {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 
 
-def dedupe_key(record: Record) -> str:
-    """What a resend is known by: the key ingest scoped to its sender (identity.stamp_ids),
-    else the message id (records of other writers, and server tokens' events)."""
-    return str(record.get("dedupe_key") or record["message_id"])
-
-
-@functools.lru_cache(maxsize=4096)
-def client_key(ip: str | None, browser: bool, ipv6_prefix: int) -> str | None:
-    """The client a queued event counts against for its share: a browser's IP as stored,
-    in the rate limits' bucket (limits.ip_bucket); None for a server token's event."""
-    return ip_bucket(ip, ipv6_prefix) if browser else None
-
-
-def share_key(record: Record, ipv6_prefix: int) -> str | None:
-    """`client_key` of a record: browsers' records carry a dedupe_key (identity.stamp_ids)."""
-    return client_key(record.get("ip"), "dedupe_key" in record, ipv6_prefix)
-
-
-def user_key(record: Record) -> str:
-    return str(record.get("user_id") or record.get("anonymous_id") or "")
-
-
 def log_bytes(frames: int, page_size: int = 4096) -> int:
     """The size of a write-ahead log file of `frames` pages: a header, then a header a page."""
     return 32 + frames * (24 + page_size)
@@ -429,35 +318,23 @@ class Checkpointer:
         self.last_error = None
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetterFilter:
-    """Which dead letters an operation concerns; every given criterion must hold."""
-
-    ids: tuple[int, ...] = ()
-    reason: str | None = None  # a part of the reason, like "400" or "still failing"
-    status: int | None = None
-    event: str | None = None
-
-    def sql(self) -> tuple[str, list[Any]]:
-        clauses: list[str] = ["1"]
-        params: list[Any] = []
-        if self.ids:
-            clauses.append(f"id IN ({','.join('?' * len(self.ids))})")
-            params.extend(self.ids)
-        if self.reason is not None:
-            clauses.append("instr(reason, ?) > 0")
-            params.append(self.reason)
-        if self.status is not None:
-            clauses.append("status = ?")
-            params.append(self.status)
-        if self.event is not None:
-            clauses.append("json_extract(CAST(body AS TEXT), '$.event') = ?")
-            params.append(self.event)
-        return " AND ".join(clauses), params
-
-    @property
-    def empty(self) -> bool:
-        return self == DeadLetterFilter()
+def dead_letter_where(which: DeadLetterFilter) -> tuple[str, list[Any]]:
+    """The WHERE clause and parameters that select the dead letters `which` names."""
+    clauses: list[str] = ["1"]
+    params: list[Any] = []
+    if which.ids:
+        clauses.append(f"id IN ({','.join('?' * len(which.ids))})")
+        params.extend(which.ids)
+    if which.reason is not None:
+        clauses.append("instr(reason, ?) > 0")
+        params.append(which.reason)
+    if which.status is not None:
+        clauses.append("status = ?")
+        params.append(which.status)
+    if which.event is not None:
+        clauses.append("json_extract(CAST(body AS TEXT), '$.event') = ?")
+        params.append(which.event)
+    return " AND ".join(clauses), params
 
 
 class SQLiteQueue:
@@ -1244,7 +1121,7 @@ class SQLiteQueue:
         self, which: DeadLetterFilter | None = None, *, limit: int = -1
     ) -> list[dict[str, Any]]:
         """Dead letters (all or those matching), oldest first, with reason and Outbound's answer."""
-        where, params = (which or DeadLetterFilter()).sql()
+        where, params = dead_letter_where(which or DeadLetterFilter())
 
         def read(connection: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = connection.execute(
@@ -1275,7 +1152,7 @@ class SQLiteQueue:
         """Put matching dead letters back in the queue, with their original message ids."""
 
         def move(connection: sqlite3.Connection) -> int:
-            where, params = which.sql()
+            where, params = dead_letter_where(which)
             ids = [
                 row[0]
                 for row in connection.execute(
@@ -1312,7 +1189,7 @@ class SQLiteQueue:
         """Delete matching dead letters for good."""
 
         def delete(connection: sqlite3.Connection) -> int:
-            where, params = which.sql()
+            where, params = dead_letter_where(which)
             deleted: int = connection.execute(
                 "DELETE FROM dead_letters WHERE id IN"
                 f" (SELECT id FROM dead_letters WHERE {where} ORDER BY id LIMIT ?)",
