@@ -1,0 +1,230 @@
+"""Collectors sharing one queue on Redis (issue 16), with real processes only: three `serve`
+processes posted to round robin while one of them at a time is SIGKILLed and restarted, and
+then Redis itself (appendfsync always: the AOF is replayed); and one collector taking over a
+dead one's partitions within the lease. The figures are printed; run with -s to see them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+from conftest import eventually
+from fake_outbound import KEY, FakeOutbound, Received
+from redis_server import RedisServer
+from serve_process import ServeProcess
+
+TOKEN = "cluster-server-token-5b1f9e2a"
+SECRET = "cluster-identity-secret-0f3c8d1e7a4b6925"
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+# Short partition leases, so that a killed collector's users wait seconds, not minutes.
+LEASE = 2.0
+POSTERS = 4  # each posts for its own users, one request at a time: that is their order
+USERS_PER_POSTER = 10
+COLLECTORS = 3
+KILLS = int(os.environ.get("CLUSTER_KILLS", "3"))
+
+
+def collector_env(outbound_url: str, queue_url: str) -> dict[str, str]:
+    """What every collector of a cluster shares: the queue, Outbound, tokens and identity."""
+    return {
+        "OUTBOUND_API_KEY": KEY,
+        "COLLECTOR_OUTBOUND_URL": outbound_url,
+        "COLLECTOR_QUEUE_URL": queue_url,
+        "COLLECTOR_REDIS_LEASE": str(LEASE),
+        "COLLECTOR_SERVER_TOKENS": TOKEN,
+        "COLLECTOR_IDENTITY_SECRET": SECRET,
+        "COLLECTOR_RETRY_BASE": "0.1",
+        "COLLECTOR_RETRY_CAP": "1",
+        # One client sends for everyone here: the per-client limits would refuse it.
+        "COLLECTOR_RATE_LIMIT_PER_IP": "0",
+        "COLLECTOR_RATE_LIMIT_PER_USER": "0",
+    }
+
+
+@dataclass
+class Cluster:
+    """Collector processes on one queue; each start has a fresh data_dir (no disk state counts)."""
+
+    directory: Path
+    env: dict[str, str]
+    processes: list[ServeProcess] = field(default_factory=list)
+
+    def start(self, env: dict[str, str] | None = None) -> ServeProcess:
+        n = len(self.processes)
+        process = ServeProcess(
+            ["--data-dir", str(self.directory / f"data{n}")],
+            env={**self.env, **(env or {})},
+            log=self.directory / f"collector{n}.log",
+        )
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> list[int]:
+        """SIGTERM every process still running; the exit codes of those it stopped."""
+        return [p.stop(signal.SIGTERM) for p in self.processes if p.process.poll() is None]
+
+
+Event = tuple[str, int]  # (user, its sequence number)
+
+
+@dataclass
+class Tally:
+    """What the posters saw: every answer's status and the events a 202 acknowledged."""
+
+    acknowledged: set[Event] = field(default_factory=set)
+    statuses: Counter[int] = field(default_factory=Counter)
+    unreachable: int = 0  # the collector was dead or died during the request
+    no_retry_after: int = 0  # 503s without Retry-After
+    partly_accepted: int = 0  # 202s that rejected some of their events
+
+
+async def post_events(
+    users: list[str],
+    targets: Callable[[], list[str]],
+    offset: int,
+    tally: Tally,
+    stop: asyncio.Event,
+) -> None:
+    """Post one event per user (the next sequence number) at a time, to the targets in turn."""
+    timeout = aiohttp.ClientTimeout(total=10)
+    seq = 0
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while not stop.is_set():
+            seq += 1
+            urls = targets()
+            url = urls[(offset + seq) % len(urls)]
+            batch = [
+                {
+                    "event": "order",
+                    "user_id": user,
+                    "message_id": f"{user}-{seq}",
+                    "properties": {"seq": seq},
+                }
+                for user in users
+            ]
+            try:
+                async with session.post(
+                    f"{url}/e", data=orjson.dumps({"batch": batch}), headers=AUTH
+                ) as response:
+                    tally.statuses[response.status] += 1
+                    if response.status == 202:
+                        answer = await response.json()
+                        if answer["accepted"] == len(batch):
+                            tally.acknowledged.update((user, seq) for user in users)
+                        else:
+                            tally.partly_accepted += 1
+                    elif response.status == 503 and "Retry-After" not in response.headers:
+                        tally.no_retry_after += 1
+            except aiohttp.ClientConnectionError:
+                tally.unreachable += 1
+            # A TimeoutError is not caught: an answer that does not come leaves the event's
+            # fate open past the next post of its user, and ingest must answer, 503 or not.
+            await asyncio.sleep(0.02)
+
+
+def arrivals(fake: FakeOutbound) -> list[tuple[Event, Received]]:
+    """Every track the fake took (a batch's items one by one), in the order it took them."""
+    return [((r.body["user_id"], r.body["properties"]["seq"]), r) for r in fake.tracks()]
+
+
+def first_arrivals_out_of_order(taken: list[tuple[Event, Received]]) -> dict[str, list[int]]:
+    """Users whose events' first arrivals are not in increasing sequence: their sequences."""
+    seen: set[Event] = set()
+    firsts: defaultdict[str, list[int]] = defaultdict(list)
+    for event, _ in taken:
+        if event not in seen:
+            seen.add(event)
+            firsts[event[0]].append(event[1])
+    return {user: seqs for user, seqs in firsts.items() if seqs != sorted(seqs)}
+
+
+async def test_three_collectors_killed_at_random_and_redis_killed_lose_no_acknowledged_event(
+    tmp_path: Path, fake: FakeOutbound
+) -> None:
+    seed = int(os.environ.get("CLUSTER_SEED", random.randrange(1 << 30)))
+    print(f"\ncluster kill test: seed {seed} (CLUSTER_SEED={seed} repeats it)")
+    chance = random.Random(seed)
+    redis = RedisServer(tmp_path / "redis", appendfsync="always").start()
+    fake.latency = 0.02  # calls in flight when a kill comes: the resend window
+    cluster = Cluster(tmp_path, collector_env(fake.url, redis.url))
+    tally, stop = Tally(), asyncio.Event()
+    try:
+        slots = [await asyncio.to_thread(cluster.start) for _ in range(COLLECTORS)]
+        users = [f"user{n:02d}" for n in range(POSTERS * USERS_PER_POSTER)]
+        posters = [
+            asyncio.create_task(
+                post_events(
+                    users[n * USERS_PER_POSTER : (n + 1) * USERS_PER_POSTER],
+                    lambda: [slot.base_url for slot in slots],
+                    n,
+                    tally,
+                    stop,
+                )
+            )
+            for n in range(POSTERS)
+        ]
+        victims = []
+        for _ in range(KILLS):
+            await asyncio.sleep(chance.uniform(1.0, 2.5))
+            victim = chance.randrange(COLLECTORS)
+            victims.append(victim)
+            await asyncio.to_thread(slots[victim].stop, signal.SIGKILL)
+            slots[victim] = await asyncio.to_thread(cluster.start)
+        await asyncio.sleep(chance.uniform(1.0, 2.0))
+        before_outage = tally.statuses.copy()
+        await asyncio.to_thread(redis.kill)
+        await asyncio.sleep(1.5)  # posting goes on: 503s, nothing acknowledged
+        in_outage = tally.statuses - before_outage
+        await asyncio.to_thread(redis.start)  # same port and directory: the AOF is replayed
+        await asyncio.sleep(2.0)
+        stop.set()
+        await asyncio.gather(*posters)
+
+        def delivered() -> bool:
+            return tally.acknowledged <= {event for event, _ in arrivals(fake)}
+
+        try:
+            await eventually(delivered, within=40)
+        finally:
+            taken = arrivals(fake)
+            events = {event for event, _ in taken}
+            guids: defaultdict[Event, set[str]] = defaultdict(set)
+            for event, received in taken:
+                guids[event].add(received.headers["X-Outbound-GUID"])
+            missing = tally.acknowledged - events
+            print(
+                f"collector kills={KILLS} (slots {victims}) + redis kills=1; "
+                f"acknowledged={len(tally.acknowledged)} delivered={len(events)} "
+                f"(of them not acknowledged: {len(events - tally.acknowledged)}) "
+                f"arrivals={len(taken)} duplicates={len(taken) - len(events)} "
+                f"(with another GUID: {sum(len(g) - 1 for g in guids.values())}) "
+                f"missing={len(missing)}; answers {dict(tally.statuses)}, "
+                f"unreachable={tally.unreachable}; during the Redis outage: {dict(in_outage)}"
+            )
+        codes = await asyncio.to_thread(cluster.stop_all)
+    finally:
+        stop.set()
+        await asyncio.to_thread(cluster.stop_all)
+        redis.kill()
+
+    assert len(tally.acknowledged) >= 2000, "too little load to mean anything"
+    assert missing == set()
+    assert first_arrivals_out_of_order(taken) == {}
+    # The only refusal is Redis being away: 503 with Retry-After, never a 500 or a rejection.
+    assert set(before_outage) == {202}
+    assert in_outage[503] > 0
+    assert set(tally.statuses) == {202, 503}
+    assert tally.no_retry_after == 0
+    assert tally.partly_accepted == 0
+    assert codes == [0] * COLLECTORS
+    outputs = [process.output() for process in cluster.processes]
+    assert all("Traceback" not in output for output in outputs)
