@@ -1,5 +1,6 @@
-"""The SQLite queue against a simple model: random put, claim, ack, retry, dead-letter,
-lease expiry and reopen-after-crash sequences (hypothesis' stateful testing)."""
+"""Both queues against a simple model: random put, claim, ack, retry, dead-letter, lease
+expiry and reopen-after-crash sequences (hypothesis' stateful testing), on a SQLite file
+and on a real redis-server (one of its own for each example)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from hypothesis.stateful import (
     multiple,
     rule,
 )
+from redis_server import RedisServer
+from test_queue_contract import ContractQueue, redis_queue_class
 
 from collector.queue import Claimed, DeadLetterFilter, SQLiteQueue
 
@@ -60,20 +63,33 @@ class Model:
 
 
 class QueueMachine(RuleBasedStateMachine):
+    """The SQLite queue's machine; RedisQueueMachine runs the same rules on Redis."""
+
     claimed = Bundle("claimed")
+    kind = "sqlite"
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.directory = tempfile.TemporaryDirectory()
         self.path = Path(self.directory.name) / "queue.sqlite3"
+        self.redis: RedisServer | None = None
+        if self.kind == "redis":
+            self.redis = RedisServer(Path(self.directory.name) / "redis").start()
         self.queue = self._open()
         self.model = Model()
         self.serial = 0
         self.held: dict[str, Claimed] = {}  # claims the model says are still valid
 
-    def _open(self) -> SQLiteQueue:
-        queue = SQLiteQueue(self.path, dedupe_window=0)
+    def _make(self, *, owner: bool = True) -> ContractQueue:
+        """A queue on this machine's store (not opened); owner=False is a tool's."""
+        if self.redis is None:
+            return SQLiteQueue(self.path, dedupe_window=0, owner=owner)
+        queue: ContractQueue = redis_queue_class()(self.redis.url, dedupe_window=0, owner=owner)
+        return queue
+
+    def _open(self) -> ContractQueue:
+        queue = self._make()
         self.loop.run_until_complete(queue.open())
         return queue
 
@@ -170,7 +186,7 @@ class QueueMachine(RuleBasedStateMachine):
     @rule()
     def replay_dead_letters(self) -> None:
         """What `dead-letters replay` does from another process: back at the end of the line."""
-        tool = SQLiteQueue(self.path, dedupe_window=0, owner=False)
+        tool = self._make(owner=False)
         self.run(tool.open())
         try:
             self.run(tool.replay_dead_letters(DeadLetterFilter()))
@@ -201,12 +217,21 @@ class QueueMachine(RuleBasedStateMachine):
         assert [d["message_id"] for d in letters] == self.model.dead  # type: ignore[attr-defined]
         self.run(self.queue.close())
         self.loop.close()
+        if self.redis is not None:
+            self.redis.kill()
         self.directory.cleanup()
 
 
-QueueMachine.TestCase.settings = settings(
+class RedisQueueMachine(QueueMachine):
+    kind = "redis"
+
+
+MODEL_SETTINGS = settings(
     max_examples=int(os.environ.get("QUEUE_MODEL_EXAMPLES", "60")),
     stateful_step_count=30,
     deadline=None,
 )
+QueueMachine.TestCase.settings = MODEL_SETTINGS
+RedisQueueMachine.TestCase.settings = MODEL_SETTINGS
 TestQueueModel = QueueMachine.TestCase
+TestRedisQueueModel = RedisQueueMachine.TestCase
