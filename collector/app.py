@@ -32,14 +32,13 @@ from .live import DebugHub
 from .logs import Repeats, counted, request_ids
 from .metrics import Metrics
 from .outbound import DryRunOutbound, HttpOutbound, Outbound
-from .queue import QueueUnavailable, SQLiteQueue
+from .queue import QUEUE_FILE as QUEUE_FILE  # where it always was, for tests and tools
+from .queue import QueueUnavailable, open_queue
 from .relay import Relay
 from .schema import EventValidator, Shape, load_event_schemas
 from .script import Script, static_file
 
 log = logging.getLogger("collector.app")
-
-QUEUE_FILE = "queue.sqlite3"
 
 
 async def ids_key_context(app: web.Application) -> AsyncIterator[None]:
@@ -48,21 +47,7 @@ async def ids_key_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def queue_context(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    queue = SQLiteQueue(
-        settings.data_dir / QUEUE_FILE,
-        synchronous=settings.durability,
-        dedupe_window=settings.dedupe_window,
-        max_events=settings.queue_max_events,
-        max_bytes=settings.queue_max_bytes,
-        share_per_ip=settings.queue_share_per_ip,
-        browser_share=settings.queue_browser_share,
-        ipv6_prefix=settings.ipv6_bucket_prefix,
-        dead_letters_max=settings.dead_letters_max,
-        dead_letter_days=settings.dead_letter_days,
-        on_dropped=app[METRICS].dead_letters_dropped.inc,
-    )
-    await queue.open()
+    queue = await open_queue(app[SETTINGS], on_dropped=app[METRICS].dead_letters_dropped.inc)
     if queue.interrupted:
         log.warning(
             "%s being sent when the collector last stopped; they go again, "

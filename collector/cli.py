@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import StreamReader, web
 
 from . import __version__, logs
-from .app import QUEUE_FILE, create_app
+from .app import create_app
 from .config import (
     Settings,
     SettingsError,
@@ -39,7 +39,7 @@ from .deadline import AcceptFailures, ConnectionCap, with_header_deadline
 from .debug import demo_enabled
 from .identity import user_hash
 from .logs import counted
-from .queue import DeadLetterFilter, QueueRefused, SQLiteQueue
+from .queue import QUEUE_FILE, DeadLetterFilter, QueueRefused, RedisQueue, make_queue, open_queue
 from .schema import SchemaDirError, lint_schemas, load_event_schemas
 from .script import Script, snippet
 
@@ -421,7 +421,7 @@ def banner(settings: Settings, port: int, schemas: int) -> str:
         f"  script: {base}{settings.script_path}\n"
         f"  events: {base}{settings.event_path}  (and {base}/v2/track, {base}/v2/identify)\n"
         f"  schemas: {loaded}\n"
-        f"  queue:  {settings.data_dir / QUEUE_FILE}\n"
+        f"  queue:  {_queue_where(settings)}\n"
         f"  origins allowed: {origins}\n"
         f"  relay:  {relay}"
     )
@@ -441,18 +441,28 @@ def script_tag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _queue_file(args: argparse.Namespace) -> Path:
-    """The queue file in the data directory the arguments name; SettingsError when none."""
+def _queue_where(settings: Settings) -> str:
+    """Where the queue is, for people: its Redis (without the password) or its file."""
+    if settings.queue_url is not None:
+        return (
+            f"Redis at {redact_url(settings.queue_url.reveal())} (keys {settings.redis_prefix}:*)"
+        )
+    return str(settings.data_dir / QUEUE_FILE)
+
+
+def _queue_settings(args: argparse.Namespace) -> Settings:
+    """The settings of a tool's queue (data_dir's file, or queue_url's Redis); SettingsError
+    when the file is not there."""
     settings = load_settings(flags={"data_dir": args.data_dir}, config_file=args.config)
     path = settings.data_dir / QUEUE_FILE
-    if not path.exists():
+    if settings.queue_url is None and not path.exists():
         raise SettingsError("data_dir", f"no queue at {str(path)!r}")
-    return path
+    return settings
 
 
 def dead_letters(args: argparse.Namespace) -> int:
     try:
-        path = _queue_file(args)
+        settings = _queue_settings(args)
     except SettingsError as error:
         return _fail(str(error))
     which = DeadLetterFilter()
@@ -463,14 +473,15 @@ def dead_letters(args: argparse.Namespace) -> int:
             f"{args.action}: name which dead letters (--id, --reason, --status, --event) or --all"
         )
     try:
-        return asyncio.run(_dead_letters(args, path, which))
+        return asyncio.run(_dead_letters(args, settings, which))
     except QueueRefused as error:
         return _fail(str(error))
 
 
-async def _dead_letters(args: argparse.Namespace, path: Path, which: DeadLetterFilter) -> int:
-    queue = SQLiteQueue(path, owner=False)
-    await queue.open()
+async def _dead_letters(
+    args: argparse.Namespace, settings: Settings, which: DeadLetterFilter
+) -> int:
+    queue = await open_queue(settings, owner=False)
     try:
         if args.action == "show":
             found = await queue.dead_letters(DeadLetterFilter(ids=(args.id,)))
@@ -529,14 +540,20 @@ def check(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     # What serve does before it runs, in its order, each failure with serve's own line.
+    redis_warnings: list[str] = []
     try:
         taken = asyncio.run(_try_address(settings))
         _prepare_data_dir(settings.data_dir)
         validators = load_event_schemas(settings.schemas_dir)
-    except (StartupError, SettingsError) as error:
+        if settings.queue_url is not None:
+            redis_warnings = asyncio.run(_check_redis(settings))
+    except (StartupError, SettingsError, QueueRefused) as error:
         return _fail(str(error))
     except SchemaDirError as error:
         return _fail(f"schemas_dir: {error}")
+    for warning in redis_warnings:
+        warnings.append(warning)
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if taken is not None:
         # Not a failure: the collector whose settings these are may be the one holding it.
         where = f"{settings.host}:{settings.port}"
@@ -552,6 +569,7 @@ def check(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {value}")
     print(f"\nschemas: {counted(len(validators), 'event schema')}", end="")
     print(f" ({', '.join(sorted(validators))})" if validators else "")
+    print(f"queue: {_queue_where(settings)}")
     print(
         "relay: dry run (no OUTBOUND_API_KEY)" if settings.dry_run else "relay: sends to Outbound"
     )
@@ -562,6 +580,16 @@ def check(args: argparse.Namespace) -> int:
     else:
         print(f"all is well but for the {len(warnings)} warnings above")
     return 0
+
+
+async def _check_redis(settings: Settings) -> list[str]:
+    """Reach the queue's Redis as serve would (QueueRefused when it cannot), and say what of
+    `durability` its configuration cannot keep."""
+    queue = make_queue(settings, owner=False)
+    assert isinstance(queue, RedisQueue)
+    await queue.open()
+    await queue.close()
+    return queue.warnings
 
 
 async def _try_address(settings: Settings) -> str | None:
@@ -591,11 +619,11 @@ def schemas_lint(args: argparse.Namespace) -> int:
 
 def stats(args: argparse.Namespace) -> int:
     try:
-        path = _queue_file(args)
+        settings = _queue_settings(args)
     except SettingsError as error:
         return _fail(str(error))
     try:
-        report = asyncio.run(_stats(path))
+        report = asyncio.run(_stats(settings))
     except QueueRefused as error:
         return _fail(str(error))
     if args.json:
@@ -617,9 +645,8 @@ def stats(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _stats(path: Path) -> dict[str, Any]:
-    queue = SQLiteQueue(path, owner=False)
-    await queue.open()
+async def _stats(settings: Settings) -> dict[str, Any]:
+    queue = await open_queue(settings, owner=False)
     try:
         numbers = await queue.stats()
         reasons = await queue.dead_letter_reasons()

@@ -188,9 +188,43 @@ def parse_origin(raw: str) -> str:
 def redact_url(url: str) -> str:
     """The URL with its user:password@ (if any) replaced, for printing."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    if "@" not in parts.netloc:
         return url
     return parts._replace(netloc="********@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _queue_url(raw: object) -> Secret | None:
+    """Where the queue is: unset for SQLite in data_dir, else redis:// or rediss:// with an
+    optional user:password@, a host, a port and a database number. A Secret, since it may
+    hold Redis's password; errors show it redacted."""
+    value = _text(raw)
+    if not value:
+        return None
+    shown = redact_url(value)
+    parts = urlsplit(value)
+    if parts.scheme not in {"redis", "rediss"}:
+        raise ValueError(
+            "must be redis://[user:password@]host:port/db or rediss://… (unset: SQLite in"
+            f" data_dir), got {shown!r}"
+        )
+    try:
+        parts.port  # noqa: B018 (urlsplit checks the port when it is read)
+    except ValueError:
+        raise ValueError(f"has an invalid port, got {shown!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"must name a host, got {shown!r}")
+    if parts.path not in {"", "/"} and not parts.path[1:].isdigit():
+        raise ValueError(f"must end with a database number like /0, got {shown!r}")
+    if parts.fragment:
+        raise ValueError(f"must not have a fragment, got {shown!r}")
+    return Secret(value)
+
+
+def _prefix(raw: object) -> str:
+    value = _nonempty(raw)
+    if not all(char.isascii() and char.isprintable() and char not in " {}" for char in value):
+        raise ValueError(f"must be printable ASCII without spaces or braces, got {raw!r}")
+    return value
 
 
 def _public_url(raw: object) -> str:
@@ -532,7 +566,25 @@ class Settings:
     durability: str = setting(
         "normal",
         _choice("normal", "full"),
-        "SQLite synchronous mode: normal survives a process crash, full also a power loss.",
+        "What an acknowledged event survives: normal a process crash, full also a power loss "
+        "(SQLite's synchronous mode; on Redis, checked against appendonly yes and, for full, "
+        "appendfsync always).",
+    )
+    queue_url: Secret | None = setting(
+        None,
+        _queue_url,
+        "Where the queue is: unset keeps it in SQLite in data_dir; "
+        "redis://[user:password@]host:port/db (or rediss://) shares one Redis between "
+        "collectors.",
+    )
+    redis_partitions: int = setting(
+        16,
+        _integer(1, 1024),
+        "Partitions of the Redis queue, the most relays that can share it; used when the "
+        "queue is first made, later the count recorded in Redis wins.",
+    )
+    redis_prefix: str = setting(
+        "collector", _prefix, "Prefix of the Redis queue's keys (several queues on one Redis)."
     )
     relay_concurrency: int = setting(16, _integer(1, 1024), "Outbound calls in flight at once.")
     relay_timeout: float = setting(10.0, _seconds, "Seconds before an Outbound call is abandoned.")
@@ -620,7 +672,9 @@ class Settings:
         shown: dict[str, str] = {}
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
-            if isinstance(value, Secret) or (
+            if item.name == "queue_url" and isinstance(value, Secret):
+                shown[item.name] = redact_url(value.reveal())
+            elif isinstance(value, Secret) or (
                 isinstance(value, tuple) and value and isinstance(value[0], Secret)
             ):
                 shown[item.name] = "******** (set)"
