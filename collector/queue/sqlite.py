@@ -20,6 +20,7 @@ import orjson
 
 from ..enrich import Record
 from ..logs import Repeats, counted
+from ..outbound import LEGACY_ANONYMOUS_PREFIX, anonymous
 from .base import (
     Claimed,
     DeadLetterFilter,
@@ -88,8 +89,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (failed_at);
 """
 
-# Schema versions (PRAGMA user_version): 0 had no heads table; 1 has it.
-SCHEMA_VERSION = 1
+# Schema versions (PRAGMA user_version): 0 had no heads table; 1 has it; 2 has no record
+# left from before the anonymous namespace (see `_into_the_namespace`).
+SCHEMA_VERSION = 2
 # Every line whose head is due, in the order they became due: a range of heads_by_due, so
 # a claim reads `limit` heads and their events, never the events waiting behind them.
 _CLAIM = """
@@ -117,6 +119,13 @@ _NEW_HEADS = (
     "INSERT OR IGNORE INTO heads (user_key, event_id, due_at)"
     " SELECT user_key, MIN(id), available_at FROM events NOT INDEXED WHERE id > ?"
     " GROUP BY user_key"
+)
+# Records queued before anonymous ids had a namespace: an anonymous id, no mark (a rowid
+# range from `id`, so that the migration reads the table once, in chunks).
+_BEFORE_THE_NAMESPACE = (
+    "SELECT id, user_key, body FROM {table} WHERE id > ?"
+    " AND json_extract(CAST(body AS TEXT), '$.anonymous_id') IS NOT NULL"
+    " AND json_type(CAST(body AS TEXT), '$.anonymous_prefix') IS NULL ORDER BY id LIMIT ?"
 )
 # Building the heads of a file made before there was a heads table.
 _ALL_HEADS = """
@@ -572,9 +581,10 @@ class SQLiteQueue:
         (self.dead_count,) = connection.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
         self._dead_counted_at = time.time()
 
-    @staticmethod
-    def _migrate(connection: sqlite3.Connection) -> None:
-        """Bring a file of any earlier schema to this one, inside the caller's transaction."""
+    @classmethod
+    def _migrate(cls, connection: sqlite3.Connection) -> None:
+        """Bring a file of any earlier schema to this one, inside the caller's transaction
+        (a crash in the middle leaves the file as it was, to be migrated again)."""
         (version,) = connection.execute("PRAGMA user_version").fetchone()
         for statement in _SCHEMA.split(";"):
             if statement.strip():
@@ -582,8 +592,55 @@ class SQLiteQueue:
         if version < 1:
             connection.execute("DELETE FROM heads")
             connection.execute(_ALL_HEADS)
+        if version < 2:
+            cls._into_the_namespace(connection)
         if version < SCHEMA_VERSION:
             connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @classmethod
+    def _into_the_namespace(cls, connection: sqlite3.Connection) -> None:
+        """Stamp the records queued before anonymous ids had a namespace as the relay reads
+        them (`outbound.anonymous`: the default prefix), and move them to their lines.
+
+        Unstamped, such a record's anonymous line kept the bare id as its key, apart from the
+        line of the same visitor's newer events, and its user's identified mark could not be
+        believed, so each of its tracks went with an identify and could not join a batch.
+        Its line joins the visitor's line in the namespace (older events first, by id); the
+        bare key's identified mark is dropped, since the relay wrote it for an identify of
+        the prefixed id as well as for the bare one: at worst one more identify. Dead letters
+        are stamped too, so that a replay joins the right line.
+        """
+        moved = 0
+        left: set[str] = set()  # keys lines moved from, and to: their heads are rebuilt
+        joined: set[str] = set()
+        for table in ("events", "dead_letters"):
+            last = 0
+            while rows := connection.execute(
+                _BEFORE_THE_NAMESPACE.format(table=table), (last, _ID_CHUNK)
+            ).fetchall():
+                stamped = []
+                for row_id, key, body in rows:
+                    record = orjson.loads(body)
+                    record["anonymous_id"] = anonymous(record)
+                    record["anonymous_prefix"] = LEGACY_ANONYMOUS_PREFIX
+                    new_key = user_key(record)
+                    if new_key != key:
+                        left.add(key)
+                        joined.add(new_key)
+                    stamped.append((new_key, orjson.dumps(record), row_id))
+                connection.executemany(
+                    f"UPDATE {table} SET user_key = ?, body = ? WHERE id = ?", stamped
+                )
+                moved += len(rows)
+                last = rows[-1][0]
+        cls._refresh_heads(connection, left | joined)
+        connection.executemany("DELETE FROM identified WHERE user_key = ?", [(k,) for k in left])
+        if moved:
+            log.info(
+                "queue: %s queued before the anonymous namespace moved into it (%s)",
+                counted(moved, "record"),
+                LEGACY_ANONYMOUS_PREFIX,
+            )
 
     async def close(self) -> None:
         if self._writer is not None:
