@@ -807,13 +807,63 @@ def _as_sent(event: dict[str, Any]) -> dict[str, Any]:
     return event  # enrich builds a new record; the event itself is left as it came
 
 
+# Outbound's timestamps from here on are milliseconds: its Android SDK 1.0.0 and later send
+# System.currentTimeMillis(). (In seconds this is the year 5138.)
+_MILLISECONDS_FROM = 100_000_000_000
+
+
+def _seconds(timestamp: float) -> float:
+    return timestamp / 1000 if timestamp >= _MILLISECONDS_FROM else timestamp
+
+
+def _named(
+    convert: Callable[[dict[str, Any]], dict[str, Any]], body: dict[str, Any]
+) -> dict[str, Any]:
+    """`convert(body)`, where a body whose user is an `anon_id` (the anonymous user of
+    Outbound's mobile SDKs, in place of `user_id`) becomes that anonymous id's event, which
+    the anonymous namespace keeps apart from every known user."""
+    if body.get("anon_id") is None:
+        return convert(body)
+    fields = {key: value for key, value in body.items() if key != "anon_id"}
+    event = convert({**fields, "user_id": body["anon_id"]})
+    event["anonymous_id"] = event.pop("user_id")
+    return event
+
+
+def _from_track(body: dict[str, Any]) -> dict[str, Any]:
+    """A /v2/track body as a collector event, with its time in seconds."""
+    event = _named(from_outbound_track, body)
+    if "timestamp" in event:
+        event["timestamp"] = _seconds(event["timestamp"])
+    return event
+
+
+def _from_identify(body: dict[str, Any]) -> dict[str, Any]:
+    """A /v2/identify body as a collector event; the `timestamp` iOS 1.1 adds to every call
+    is the record's time (Outbound's identify takes none), not a trait."""
+    fields = {key: value for key, value in body.items() if key != "timestamp"}
+    event = _named(from_outbound_identify, fields)
+    if "timestamp" in body:
+        event["timestamp"] = _seconds(body["timestamp"])
+    return event
+
+
+def _from_call(endpoint: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A device token or subscription call as a record made again as it came (its
+    `timestamp`, when an SDK sends one, too)."""
+    convert = from_outbound_call(endpoint)
+
+    def from_body(body: dict[str, Any]) -> dict[str, Any]:
+        return _named(convert, body)
+
+    return from_body
+
+
 _EVENT = Route("event", _as_sent)
-_TRACK = Route("outbound_track", from_outbound_track)
-_IDENTIFY = Route("outbound_identify", from_outbound_identify)
-_TRACK_BATCH = Route("outbound_track", from_outbound_track, server_only=True, outbound_batch=True)
-_IDENTIFY_BATCH = Route(
-    "outbound_identify", from_outbound_identify, server_only=True, outbound_batch=True
-)
+_TRACK = Route("outbound_track", _from_track)
+_IDENTIFY = Route("outbound_identify", _from_identify)
+_TRACK_BATCH = Route("outbound_track", _from_track, server_only=True, outbound_batch=True)
+_IDENTIFY_BATCH = Route("outbound_identify", _from_identify, server_only=True, outbound_batch=True)
 # Outbound's device token and subscription calls by the kind of body each takes.
 _CALL_ENDPOINTS: tuple[tuple[Kind, tuple[str, ...]], ...] = (
     ("outbound_register", ("/v2/apns/register", "/v2/gcm/register")),
@@ -822,7 +872,7 @@ _CALL_ENDPOINTS: tuple[tuple[Kind, tuple[str, ...]], ...] = (
     ("outbound_campaigns", ("/v2/subscribe/campaigns", "/v2/unsubscribe/campaigns")),
 )
 _CALLS = {
-    endpoint: Route(kind, from_outbound_call(endpoint), server_only=True)
+    endpoint: Route(kind, _from_call(endpoint), server_only=True)
     for kind, endpoints in _CALL_ENDPOINTS
     for endpoint in endpoints
 }
