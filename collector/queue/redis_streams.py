@@ -612,16 +612,14 @@ class RedisQueue:
             await self._redis.set(self._key("partitions"), self.partitions, nx=True)
             recorded = int(await self._redis.get(self._key("partitions")) or self.partitions)
             self.warnings = await self.check_durability(self._durability)
-            for warning in self.warnings:
-                log.warning("%s", warning)
             if recorded != self._configured_partitions:
-                log.warning(
-                    "redis_partitions is %d but the queue at %s was made with %d partitions,"
-                    " which it keeps",
-                    self._configured_partitions,
-                    self.where,
-                    recorded,
+                self.warnings.append(
+                    f"redis_partitions is {self._configured_partitions} but the queue at"
+                    f" {self.where} was made with {recorded} partitions, which it keeps"
                 )
+            if self._owner:  # a tool (check) prints them itself
+                for warning in self.warnings:
+                    log.warning("%s", warning)
             self.partitions = recorded
             self.depth = int(await self._redis.hget(self._key("counts"), "events") or 0)
             if self._owner:
