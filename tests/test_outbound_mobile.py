@@ -493,6 +493,10 @@ async def test_an_anon_id_is_an_anonymous_visitor_whoever_sends_it(
         ("POST", "/i/ios/received", {"_oid": "n-1", "user_id": "u", "timestamp": 1529366403}),
         ("POST", "/i/ios/opened", {"_oid": "n-1", "user_id": "u", "timestamp": 1529366403}),
         ("POST", "/i/ios/uninstall_tracker", {"i": "n-1", "user_id": "u", "timestamp": 1}),
+        # iOS 1.2.0 ConfigResource.swift and PushResource.swift; Android 1.0.0 ConfigService.
+        ("GET", "/i/config/sdk/ios/1.2.0", None),
+        ("POST", "/i/ios/permissions/requested", {"user_id": "u"}),
+        ("GET", "/i/config/sdk/android/1.0.0", None),
     ],
 )
 async def test_outbounds_internal_calls_are_not_taken(
@@ -507,5 +511,15 @@ async def test_outbounds_internal_calls_are_not_taken(
         method, guarded.url(path), data=orjson.dumps(body) if body else None, headers=headers
     ) as response:
         assert response.status == 404
+        answer = await response.read()
     assert guarded.queue.depth == 0
     assert fake.attempts == []
+    if path.startswith("/i/config/"):
+        # iOS 1.2.0 decodes any answer to its config call that is JSON (Config.swift:
+        # `enabled` is false when absent) and stores it: a JSON object without
+        # "enabled": true there would switch the SDK off for good ("remote kill").
+        try:
+            document = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            document = None
+        assert not isinstance(document, dict) or document.get("enabled") is True
