@@ -78,7 +78,19 @@ local function stream(n) return P .. ':p:' .. n end
 local function heads(n) return P .. ':p:' .. n .. ':heads' end
 local function states(n) return P .. ':p:' .. n .. ':state' end
 local function leased(n) return P .. ':p:' .. n .. ':leased' end
+local function headof(n) return P .. ':p:' .. n .. ':headof' end
 local function line(user) return P .. ':line:' .. user end
+-- Entries' stream ids are a sequence over all partitions (INCR), so that among heads due at
+-- the same time the oldest goes first: a head's member in its ZSET is its sequence number,
+-- zero-padded, then its user (members of equal score sort as strings).
+local function new_id()
+  return redis.call('INCR', P .. ':seq') .. '-1'
+end
+local function member(id, user)
+  local seq = string.match(id, '^(%d+)')
+  return string.rep('0', 16 - #seq) .. seq .. ':' .. user
+end
+local function user_of(m) return string.sub(m, 18) end
 local function field(fields, name)
   for i = 1, #fields, 2 do
     if fields[i] == name then return fields[i + 1] end
@@ -112,10 +124,17 @@ local function counts(events, size, client)
 end
 -- Make a user's head what its line says: its first entry, due at the later of its backoff
 -- and its lease (never tried: since it was received); no head for an empty line.
+local function head(n, user, id, due)
+  local m = member(id, user)
+  redis.call('ZADD', heads(n), due, m)
+  redis.call('HSET', headof(n), user, m)
+end
 local function refresh(n, user)
+  local old = redis.call('HGET', headof(n), user)
+  if old then redis.call('ZREM', heads(n), old) end
   local first = redis.call('LINDEX', line(user), 0)
   if not first then
-    redis.call('ZREM', heads(n), user)
+    redis.call('HDEL', headof(n), user)
     redis.call('HDEL', leased(n), user)
     return
   end
@@ -125,9 +144,9 @@ local function refresh(n, user)
     due = math.max(s[2], s[3])
   else
     local fields = entry(n, first)
-    due = fields and tonumber(field(fields, 'r')) or 0
+    due = fields and tonumber(field(fields, 't')) or 0
   end
-  redis.call('ZADD', heads(n), due, user)
+  head(n, user, first, due)
 end
 local function owns(n, token)
   return redis.call('GET', P .. ':lease:' .. n) == token
@@ -224,11 +243,9 @@ for i = 7, #ARGV, 6 do
   if window > 0 and not redis.call('SET', P .. ':seen:' .. key, '1', 'NX', 'PX', window) then
     duplicates = duplicates + 1
   else
-    local id = redis.call('XADD', stream(n), '*', 'b', body, 'u', user, 'c', client,
-      's', #body, 'r', received)
-    if redis.call('RPUSH', line(user), id) == 1 then
-      redis.call('ZADD', heads(n), received, user)
-    end
+    local id = redis.call('XADD', stream(n), new_id(), 'b', body, 'u', user, 'c', client,
+      's', #body, 'r', received, 't', received)
+    if redis.call('RPUSH', line(user), id) == 1 then head(n, user, id, received) end
     counts(1, #body, client)
   end
 end
@@ -253,18 +270,17 @@ for i = 7, #ARGV, 2 do
     local found = redis.call('ZRANGEBYSCORE', heads(n), '-inf', now,
       'WITHSCORES', 'LIMIT', 0, limit)
     for j = 1, #found, 2 do
-      table.insert(due, {tonumber(found[j + 1]), n, found[j]})
+      table.insert(due, {tonumber(found[j + 1]), found[j], n})
     end
   end
 end
 table.sort(due, function(a, b)
   if a[1] ~= b[1] then return a[1] < b[1] end
-  if a[2] ~= b[2] then return a[2] < b[2] end
-  return a[3] < b[3]
+  return a[2] < b[2]
 end)
 local claimed = {}
 for i = 1, math.min(limit, #due) do
-  local n, user = due[i][2], due[i][3]
+  local n, user = due[i][3], user_of(due[i][2])
   local identified = redis.call('SISMEMBER', P .. ':identified', user)
   local ids = redis.call('LRANGE', line(user), 0, deep - 1)
   local taken = 0
@@ -272,7 +288,7 @@ for i = 1, math.min(limit, #due) do
     local fields = entry(n, id)
     if fields then
       local received = field(fields, 'r')
-      local s = state(n, id) or {0, tonumber(received), 0, ''}
+      local s = state(n, id) or {0, tonumber(field(fields, 't')), 0, ''}
       s[3] = leased_until
       redis.call('HSET', states(n), id, cjson.encode(s))
       table.insert(claimed, {n, id, user, s[1], received, field(fields, 'b'), identified})
@@ -313,7 +329,7 @@ for i = 5, #ARGV, 8 do
     if not fields then
       result = -1
     else
-      s = s or {0, tonumber(field(fields, 'r')), 0, ''}
+      s = s or {0, tonumber(field(fields, 't')), 0, ''}
       s[3] = 0
       if kind == 'retry' then
         s[1] = s[1] + 1
@@ -435,7 +451,8 @@ _RESET_BACKOFF = (
     + """
 local partitions = tonumber(redis.call('GET', P .. ':partitions')) or 0
 for n = 0, partitions - 1 do
-  for _, user in ipairs(redis.call('ZRANGEBYSCORE', heads(n), '(' .. ARGV[2], '+inf')) do
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', heads(n), '(' .. ARGV[2], '+inf')) do
+    local user = user_of(m)
     local first = redis.call('LINDEX', line(user), 0)
     local s = first and state(n, first)
     if s and s[2] > tonumber(ARGV[2]) then
@@ -443,7 +460,7 @@ for n = 0, partitions - 1 do
       s[2] = fields and tonumber(field(fields, 'r')) or 0
       redis.call('HSET', states(n), first, cjson.encode(s))
     end
-    refresh(n, tostring(user))
+    refresh(n, user)
   end
 end
 return 1
@@ -459,11 +476,10 @@ for i = 2, #ARGV, 2 do
   local letter, n = ARGV[i], ARGV[i + 1]
   local f = redis.call('HMGET', P .. ':dl:' .. letter, 'b', 'u', 'c', 'r')
   if f[1] then
-    local id = redis.call('XADD', stream(n), '*', 'b', f[1], 'u', f[2], 'c', f[3],
-      's', #f[1], 'r', f[4])
-    if redis.call('RPUSH', line(f[2]), id) == 1 then
-      redis.call('ZADD', heads(n), 0, f[2])
-    end
+    -- Due at once, as a new event (available since 0), at the end of its user's line.
+    local id = redis.call('XADD', stream(n), new_id(), 'b', f[1], 'u', f[2], 'c', f[3],
+      's', #f[1], 'r', f[4], 't', 0)
+    if redis.call('RPUSH', line(f[2]), id) == 1 then head(n, f[2], id, 0) end
     counts(1, #f[1], f[3])
     redis.call('DEL', P .. ':dl:' .. letter)
     redis.call('ZREM', P .. ':dl:ids', letter)
