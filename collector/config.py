@@ -576,6 +576,7 @@ class Settings:
         "Where the queue is: unset keeps it in SQLite in data_dir; "
         "redis://[user:password@]host:port/db (or rediss://) shares one Redis between "
         "collectors.",
+        flag=False,  # it may hold Redis's password, which a command line would show to `ps`
     )
     redis_partitions: int = setting(
         16,
@@ -585,6 +586,12 @@ class Settings:
     )
     redis_prefix: str = setting(
         "collector", _prefix, "Prefix of the Redis queue's keys (several queues on one Redis)."
+    )
+    redis_lease: float = setting(
+        10.0,
+        _seconds,
+        "Seconds a collector holds a Redis partition without renewing it (renewed every third "
+        "of it): how long a dead collector's events wait before another takes them over.",
     )
     relay_concurrency: int = setting(16, _integer(1, 1024), "Outbound calls in flight at once.")
     relay_timeout: float = setting(10.0, _seconds, "Seconds before an Outbound call is abandoned.")

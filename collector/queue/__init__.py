@@ -27,7 +27,6 @@ from .redis_streams import RedisQueue
 from .sqlite import SQLiteQueue
 
 QUEUE_FILE = "queue.sqlite3"  # in data_dir, when queue_url is unset
-REDIS_LEASE = 10.0  # seconds a partition stays with a collector that stopped renewing it
 
 
 def make_queue(
@@ -43,7 +42,7 @@ def make_queue(
             settings.queue_url.reveal(),
             prefix=settings.redis_prefix,
             partitions=settings.redis_partitions,
-            lease=REDIS_LEASE,
+            lease=settings.redis_lease,
             durability=settings.durability,
             dedupe_window=settings.dedupe_window,
             max_events=settings.queue_max_events,
