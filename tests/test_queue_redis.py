@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -238,7 +239,7 @@ async def test_a_put_cancelled_mid_reply_leaves_no_connection_out_of_step(
 
 
 async def test_open_warns_when_redis_cannot_keep_durability(tmp_path: Path) -> None:
-    cases = [
+    cases: list[tuple[dict[str, Any], str, str | None]] = [
         ({"appendonly": False}, "normal", "appendonly no: acknowledged events can be lost"),
         ({"appendfsync": "everysec"}, "full", "appendfsync everysec but durability is full"),
         ({"appendfsync": "always"}, "full", None),
@@ -374,3 +375,58 @@ async def test_collector_on_redis_answers_503_while_redis_is_down_and_recovers(
         assert (status, ready["status"]) == (200, "ready")
     finally:
         server.kill()
+
+
+async def test_two_collectors_on_one_redis_deliver_every_event_once_in_order(
+    start_collector: StartCollector, fake: FakeOutbound, redis_server: RedisServer
+) -> None:
+    shared = {"queue_url": Secret(redis_server.url), "redis_lease": LEASE}
+    collectors = [await start_collector(**shared), await start_collector(**shared)]
+    users = [f"user{i}" for i in range(12)]
+    for n in range(4):
+        for index, user in enumerate(users):
+            through = collectors[(index + n) % 2]  # each user's events through both
+            status, _, _ = await through.post("/e", {"event": f"step{n}", "user_id": user})
+            assert status == 202
+    await eventually(lambda: len(fake.tracks()) >= 4 * len(users))
+    sent: dict[str, list[str]] = {}
+    for track in fake.tracks():
+        sent.setdefault(track.body["user_id"], []).append(track.body["event"])
+    assert sent == {user: [f"step{n}" for n in range(4)] for user in users}
+    # Both relayed: the partitions were shared out between them.
+    queues = [collector.app[QUEUE] for collector in collectors if collector.app]
+    assert all(isinstance(queue, RedisQueue) for queue in queues)
+    held = [queue.held for queue in queues if isinstance(queue, RedisQueue)]
+    await eventually(lambda: all(held) and not set(held[0]) & set(held[1]), within=5 * LEASE)
+
+
+def test_stats_and_dead_letters_commands_read_the_redis_queue(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+) -> None:
+    async def fill() -> None:
+        queue = RedisQueue(redis_server.url, lease=LEASE)
+        await queue.open()
+        await queue.put([record(1, "alice"), record(2, "bob"), record(3, "bob")])
+        alice, _ = await queue.claim(10, now=time.time(), lease=60)
+        await queue.dead_letter(
+            alice.id, reason="Outbound answered 400", status=400, response="no", now=time.time()
+        )
+        await queue.close()
+
+    asyncio.run(fill())
+    monkeypatch.setenv("COLLECTOR_QUEUE_URL", redis_server.url)
+    data_dir = str(tmp_path / "no-such-dir")  # not needed: the queue is in Redis
+    assert cli.main(["stats", "--json", "--data-dir", data_dir]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["queued"], report["dead_letters"]) == (2, 1)
+    assert report["dead_letters_by_reason"] == {"Outbound answered 400": 1}
+    assert cli.main(["dead-letters", "list", "--data-dir", data_dir]) == 0
+    assert "Outbound answered 400" in capsys.readouterr().out
+    assert cli.main(["dead-letters", "replay", "--status", "400", "--data-dir", data_dir]) == 0
+    assert "replayed 1 dead letter" in capsys.readouterr().out
+    assert cli.main(["stats", "--json", "--data-dir", data_dir]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["queued"], report["dead_letters"]) == (3, 0)
