@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,9 +33,15 @@ IDLE_POLL = 1.0
 IDENTIFIED_MEMORY = 100_000
 # Seconds of single calls after a batch endpoint answered 404/405 (an Outbound without it).
 BATCH_FALLBACK = 600.0
-# An event's outcome: the answer to its (last) call, and whether an identify of its went
-# through in this delivery (the ack remembers it for good).
-Sent = tuple[Claimed, Answer, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """One call's outcome: the events it carried, in the line's order, and its answer."""
+
+    items: Sequence[Claimed]
+    answer: Answer
+    identified: bool = False  # an identify of their user went through (the ack keeps it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,11 +285,11 @@ class Relay:
             if free > 0:
                 # A line several events deep under one lease: a user with many events
                 # goes as batches, one call at a time, in order. While the circuit is open
-                # the probe is one event.
-                depth = 1 if breaker.is_open else settings.relay_batch_size
+                # the probe is one line (free is 1), as deep as ever: its first call is the
+                # batch that failed before, whole (see _send_line).
                 try:
                     claimed = await self._queue.claim(
-                        free, now=now, lease=settings.lease_seconds, depth=depth
+                        free, now=now, lease=settings.lease_seconds, depth=settings.relay_batch_size
                     )
                 except QueueUnavailable as error:
                     self._repeats.log(
@@ -327,13 +333,16 @@ class Relay:
         change: str | None = None
         outcomes = []
         acked: list[tuple[int, bool]] = []
-        for item, answer, identified in sent:
+        for call in sent:
+            # A call's events share its fate, under its first event's backoff and window:
+            # those of a batch that failed go again together, and so as the same batch.
+            first, answer = call.items[0], call.answer
             decision = held = ACK
             if not answer.ok:
                 decision = decide(
                     answer,
-                    attempts=item.attempts,
-                    age=now - item.received_at,
+                    attempts=first.attempts,
+                    age=now - first.received_at,
                     base=settings.retry_base,
                     cap=settings.retry_cap,
                     window=settings.retry_window,
@@ -341,21 +350,20 @@ class Relay:
                 )
                 held = Decision(
                     "retry",
-                    delay=backoff(item.attempts, settings.retry_base, settings.retry_cap, jitter),
+                    delay=backoff(first.attempts, settings.retry_base, settings.retry_cap, jitter),
                     reason=f"Outbound answered {answer.status}; held until other events show "
                     "whether the endpoint is there",
                 )
-            decision = self.endpoints.judge(decision, answer, item.record["message_id"], held=held)
+            decision = self.endpoints.judge(decision, answer, first.record["message_id"], held=held)
             change = self._update_breaker(decision, now, answer) or change
             if decision.action == "ack":
-                acked.append((item.id, identified and not item.identified))
+                acked += [(item.id, call.identified and not item.identified) for item in call.items]
             else:
-                outcomes.append(
-                    self._record_outcome(item, decision, answer, now, identified=identified)
-                )
+                outcomes.append(self._record_outcome(call.items, decision, answer, now))
         outcomes.append(self._queue.ack_all(acked))
-        # Events behind one that failed were not delivered: they go again after it, in order.
-        outcomes += [self._queue.release(item.id) for item in line[len(sent) :]]
+        # Events behind a call that failed were not sent: they go again after it, in order.
+        carried = sum(len(call.items) for call in sent)
+        outcomes += [self._queue.release(item.id) for item in line[carried:]]
         try:
             # Together, so that the line's outcomes share a commit.
             for result in await asyncio.gather(*outcomes, return_exceptions=True):
@@ -390,7 +398,17 @@ class Relay:
 
     async def _send_line(self, line: list[Claimed]) -> list[Sent]:
         """Send one user's events in order, consecutive calls to one endpoint as one batch;
-        the outcomes of the events up to the first that failed (the rest were not sent)."""
+        the calls made, up to the first that failed (the events after it were not sent).
+
+        A batch holds events tried as often as its first, and no others. Its items carry no
+        GUID of their own (outbound.batch_call), so Outbound knows a batch sent again by its
+        events alone: if its answer was lost after Outbound had it, the next try must carry
+        the same events, not the events that arrived meanwhile, nor fewer. The events of a
+        call that failed are retried together (one more attempt each, see _deliver), so the
+        line's next claim starts with exactly them, and the events behind, never tried, go in
+        a later call. (The line's first event may also have been tried alone, for the
+        identify before it: it then goes alone once, which costs a call, not a duplicate.)
+        """
         sent: list[Sent] = []
         index = 0
         while index < len(line):
@@ -400,46 +418,52 @@ class Relay:
             if len(calls) == 2:  # Outbound wants an identify before this user's first track
                 answer = await self._send_one(calls[0], item)
                 if not answer.ok:
-                    return [*sent, (item, answer, False)]
+                    return [*sent, Sent([item], answer)]
                 self._remember(subject(item.record))
                 identified = True
             run = [(item, calls[-1])]
             index += 1
-            batches = run[0][1].endpoint in BATCH_ENDPOINTS  # others have no batch form
+            endpoint = run[0][1].endpoint
+            batches = endpoint in BATCH_ENDPOINTS  # others have no batch form
             while batches and index < len(line) and len(run) < self._settings.relay_batch_size:
+                if line[index].attempts != item.attempts:
+                    break
                 following = self._calls(line[index])
-                if len(following) != 1 or following[0].endpoint != run[0][1].endpoint:
+                if len(following) != 1 or following[0].endpoint != endpoint:
                     break
                 run.append((line[index], following[0]))
                 index += 1
-            answers = await self._send_run(run)
-            for (item, call), answer in zip(run, answers, strict=False):
-                if answer.ok and call.endpoint == "/v2/identify":
+            start = 0
+            for count, answer in await self._send_run(run):
+                items = [carried for carried, _ in run[start : start + count]]
+                if answer.ok and endpoint == "/v2/identify":
                     self._remember(subject(item.record))
-                    sent.append((item, answer, True))
+                    sent.append(Sent(items, answer, identified=True))
                 else:
-                    sent.append((item, answer, identified and item is run[0][0]))
-            if len(answers) < len(run) or not answers[-1].ok:
-                return sent
+                    sent.append(Sent(items, answer, identified=identified and start == 0))
+                start += count
+                if not answer.ok:
+                    return sent
         return sent
 
-    async def _send_run(self, run: list[tuple[Claimed, Call]]) -> list[Answer]:
-        """Send calls to one endpoint, as one batch when there are several; the answers of
-        the first ones, up to the first that is not a success. A batch refused with a 4xx is
-        split in halves until the events Outbound refuses are found."""
+    async def _send_run(self, run: list[tuple[Claimed, Call]]) -> list[tuple[int, Answer]]:
+        """Send calls to one endpoint, as one batch when there are several: each call made,
+        as how many of the run's events it carried (in order) and its answer, up to the first
+        that is not a success. A batch refused with a 4xx is split in halves until the events
+        Outbound refuses are found."""
         if len(run) == 1:
-            return [await self._send_one(run[0][1], run[0][0])]
+            return [(1, await self._send_one(run[0][1], run[0][0]))]
         if self._clock() < self._singles_until:
-            answers: list[Answer] = []
-            for item, call in run:
-                answers.append(await self._send_one(call, item))
-                if not answers[-1].ok:
+            replies: list[tuple[int, Answer]] = []
+            for item, single in run:
+                replies.append((1, await self._send_one(single, item)))
+                if not replies[-1][1].ok:
                     break
-            return answers
-        call = batch_call([call for _, call in run])
+            return replies
+        call = batch_call([single for _, single in run])
         answer = await self._send(call, [(item, single.body) for item, single in run])
         if answer.ok:
-            return [answer] * len(run)
+            return [(len(run), answer)]
         if answer.status in ENDPOINT_STATUSES:
             self._singles_until = self._clock() + BATCH_FALLBACK
             if not self._told_singles:
@@ -454,10 +478,10 @@ class Relay:
         if refused(answer):
             half = len(run) // 2
             left = await self._send_run(run[:half])
-            if len(left) < half or not left[-1].ok:
+            if not left[-1][1].ok:
                 return left
             return left + await self._send_run(run[half:])
-        return [answer]  # the whole batch goes again, after its first event's backoff
+        return [(len(run), answer)]  # the whole batch goes again, after its first's backoff
 
     async def _send_one(self, call: Call, item: Claimed) -> Answer:
         return await self._send(call, [(item, call.body)])
@@ -500,35 +524,45 @@ class Relay:
                 )
 
     async def _record_outcome(
-        self, item: Claimed, decision: Decision, answer: Answer, now: float, *, identified: bool
+        self, items: Sequence[Claimed], decision: Decision, answer: Answer, now: float
     ) -> None:
-        message_id = item.record["message_id"]
-        if decision.action == "ack":
-            await self._queue.ack(item.id, identified=identified and not item.identified)
-        elif decision.action == "retry":
-            self._metrics.retries.inc()
+        """Retry, dead-letter or release the events of one call that failed, in one line."""
+        first = items[0].record["message_id"]
+        named = f"event {first}" if len(items) == 1 else f"{len(items)} events from {first} on"
+        if decision.action == "retry":
+            self._metrics.retries.inc(len(items))
             # While the circuit is open the probes pace the attempts, not each event's backoff.
             delay = 0.0 if self.breaker.is_open else decision.delay
-            await self._queue.retry(item.id, available_at=now + delay, error=decision.reason)
+            await asyncio.gather(
+                *(
+                    self._queue.retry(item.id, available_at=now + delay, error=decision.reason)
+                    for item in items
+                )
+            )
             log.info(
-                "event %s to retry in %.1f s (attempt %d): %s",
-                message_id,
+                "%s to retry in %.1f s (attempt %d): %s",
+                named,
                 delay,
-                item.attempts + 1,
+                items[0].attempts + 1,
                 decision.reason,
             )
         elif decision.action == "dead":
-            await self._queue.dead_letter(
-                item.id,
-                reason=decision.reason,
-                status=answer.status,
-                response=answer.detail,
-                now=now,
+            await asyncio.gather(
+                *(
+                    self._queue.dead_letter(
+                        item.id,
+                        reason=decision.reason,
+                        status=answer.status,
+                        response=answer.detail,
+                        now=now,
+                    )
+                    for item in items
+                )
             )
-            self._metrics.dead_lettered.inc()
-            log.warning("event %s dead-lettered: %s", message_id, decision.reason)
-        else:
-            await self._queue.release(item.id)  # a rejected key is no fault of the event
+            self._metrics.dead_lettered.inc(len(items))
+            log.warning("%s dead-lettered: %s", named, decision.reason)
+        else:  # a rejected key is no fault of the events
+            await asyncio.gather(*(self._queue.release(item.id) for item in items))
 
     def _update_breaker(self, decision: Decision, now: float, answer: Answer) -> str | None:
         """Feed the outcome to the breaker; says "opened" or "closed" when that changed."""

@@ -29,6 +29,12 @@ class Fault:
     # Take the call (it counts as received), then close the connection without answering:
     # the caller cannot tell whether Outbound has it.
     drop_after: bool = False
+    # Take the call, then answer `status` after `delay`: Outbound had it, and its answer says
+    # it failed or comes too late for the caller.
+    taken: bool = False
+    # Hold the request until this is set (its attempt is recorded at once): the test does
+    # something while the call is in flight.
+    hold: asyncio.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -126,11 +132,13 @@ class FakeOutbound:
         status = fault.status if fault else 200
         self.attempts.append((f"{endpoint}/batch" if batch else endpoint, time.time(), status))
         self._changed.set()
+        if fault is not None and fault.hold is not None:
+            await fault.hold.wait()
         if self.latency:
             await asyncio.sleep(self.latency)
         if request.headers.get("X-Outbound-Key") != self.key:
             return web.Response(status=401, text="invalid api key")
-        if fault is not None and not fault.drop_after:
+        if fault is not None and not (fault.drop_after or fault.taken):
             if fault.delay:
                 await asyncio.sleep(fault.delay)
             if fault.drop:
@@ -163,4 +171,7 @@ class FakeOutbound:
         if fault is not None and fault.drop_after:
             assert request.transport is not None
             request.transport.abort()
+        if fault is not None and fault.taken:
+            await asyncio.sleep(fault.delay)
+            return web.Response(status=fault.status, text=fault.body)
         return web.Response(status=200)

@@ -3,14 +3,16 @@ over HTTP: order per user, splitting on a 4xx, the 404 fallback, retries, batch 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import Collector, StartCollector, eventually
-from fake_outbound import KEY, FakeOutbound, Fault
+from fake_outbound import KEY, FakeOutbound, Fault, Received
 
 from collector.keys import METRICS
 from collector.queue import SQLiteQueue
@@ -135,7 +137,70 @@ async def test_a_failed_batch_is_retried_whole_with_the_same_guid(
     assert len({r.headers["X-Outbound-GUID"] for r in again}) == 1
     assert [a[2] for a in fake.attempts if a[0] == "track/batch"] == [503, 503, 200]
     assert collector.app is not None
-    assert collector.app[METRICS].value("collector_retries_total") == 2
+    assert collector.app[METRICS].value("collector_retries_total") == 2 * 10  # events
+
+
+def calls_of(received: list[Received]) -> list[tuple[str, list[str]]]:
+    """The track calls that reached the fake: each one's GUID and the events it carried."""
+    calls: list[tuple[str, list[str]]] = []
+    previous = None
+    for item in received:
+        call = (item.headers["X-Outbound-GUID"], item.at)
+        if call != previous:
+            calls.append((call[0], []))
+            previous = call
+        calls[-1][1].append(item.body["event"])
+    return calls
+
+
+# Ways a batch's answer is lost after Outbound processed it (the fake holds the call until
+# `gate` is set), and the collector's settings for each.
+LOST: dict[str, Callable[[asyncio.Event], tuple[Fault, dict[str, Any]]]] = {
+    "connection closed": lambda gate: (Fault(drop_after=True, hold=gate), {"relay_timeout": 30}),
+    "500": lambda gate: (Fault(500, taken=True, hold=gate), {"relay_timeout": 30}),
+    "no answer in time": lambda gate: (
+        Fault(200, taken=True, delay=2.5, hold=gate),
+        {"relay_timeout": 1.5},
+    ),
+    # The circuit opens on that failure: the probe is the line's first call, the same batch.
+    "circuit opened": lambda gate: (
+        Fault(drop_after=True, hold=gate),
+        {"relay_timeout": 30, "breaker_threshold": 1},
+    ),
+}
+
+
+@pytest.mark.parametrize("lost", LOST)
+async def test_a_batch_whose_answer_was_lost_goes_again_as_the_same_events_and_guid(
+    start_collector: StartCollector, fake: FakeOutbound, lost: str
+) -> None:
+    gate = asyncio.Event()
+    fault, settings = LOST[lost](gate)
+    collector = await start_collector(**settings)
+    status, _, _ = await collector.post("/e", {"event": "first", "user_id": "ana"})
+    assert status == 202
+    await fake.wait_for(2)  # identified: the user's line is tracks only from here
+    await drained(collector)
+    fake.fail_next(fault)
+    status, _, _ = await collector.post("/e", {"batch": events_of(("ana",), 5)})
+    assert status == 202
+    await eventually(lambda: len(fake.attempts) == 3)  # the batch is at Outbound, held
+    # More of the user's events arrive while its answer is awaited (202: on disk).
+    later = [{"event": f"ana-{i}", "user_id": "ana"} for i in range(5, 8)]
+    status, _, _ = await collector.post("/e", {"batch": later})
+    assert status == 202
+    gate.set()
+    await fake.wait_for(2 + 5 + 5 + 3)
+    await drained(collector)
+
+    calls = calls_of(fake.tracks()[1:])
+    tried = [f"ana-{i}" for i in range(5)]
+    assert [events for _, events in calls] == [tried, tried, ["ana-5", "ana-6", "ana-7"]]
+    [first, again, after] = [guid for guid, _ in calls]
+    assert again == first  # Outbound drops it as the resend it is
+    assert after != first
+    assert collector.app is not None
+    assert collector.app[METRICS].value("collector_retries_total") == 5  # events
 
 
 async def test_batch_size_1_makes_one_call_an_event_as_before(
