@@ -64,6 +64,8 @@ _RETRY_LATER = {"Retry-After": "5"}
 MAX_LOGGED_REFUSAL = 300
 # The library an Outbound client says it is ("Python/1.2.1"), as kept in the record.
 MAX_CLIENT_NAME = 100
+# An X-Outbound-GUID longer than a message id may be is not taken for one.
+MAX_GUID = 256
 # What reading a body raises when its encoding cannot be undone.
 BROKEN_STREAM = (RequestPayloadError, ContentEncodingError, zlib.error)
 
@@ -719,6 +721,12 @@ async def _answer(request: web.Request, app: web.Application, route: Route) -> w
             hub.publish(seen_item(event, "dropped", [], None, time.time()))
         return json_response({"accepted": 0, "rejected": [], "dropped": len(events)}, 202)
     sender = sender_of(request, settings, ip)
+    guid = request.headers.get("X-Outbound-GUID", "")
+    if server and kind != "event" and not route.outbound_batch and 0 < len(guid) <= MAX_GUID:
+        # Outbound dedupes a call by the GUID its client sends (Android SDK 0.4.0 keeps one
+        # per call across its retries): a call sent again after its answer was lost is a
+        # resend here too, within dedupe_window, as a server token's message_id is.
+        convert = _with_message_id(convert, guid)
     verdicts = judge(
         app, events, kind, convert, sent_at, server=server, sender=sender, watched=hub.watched
     )
@@ -846,6 +854,17 @@ def _from_identify(body: dict[str, Any]) -> dict[str, Any]:
     if "timestamp" in body:
         event["timestamp"] = _seconds(body["timestamp"])
     return event
+
+
+def _with_message_id(
+    convert: Callable[[dict[str, Any]], dict[str, Any]], message_id: str
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """`convert`, giving the event the message id its client chose."""
+
+    def with_id(body: dict[str, Any]) -> dict[str, Any]:
+        return {**convert(body), "message_id": message_id}
+
+    return with_id
 
 
 def _from_call(endpoint: str) -> Callable[[dict[str, Any]], dict[str, Any]]:

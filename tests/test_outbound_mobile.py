@@ -24,12 +24,13 @@ environment's private API key"): here that is a server token, see README "Outbou
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import orjson
 import pytest
 from conftest import Collector, StartCollector
-from fake_outbound import FakeOutbound, Received
+from fake_outbound import FakeOutbound, Fault, Received
 
 from collector.config import Secret
 
@@ -86,8 +87,13 @@ async def guarded(start_collector: StartCollector) -> Collector:
 
 
 async def send(
-    collector: Collector, headers: dict[str, str], path: str, body: bytes
+    collector: Collector, headers: dict[str, str], path: str, body: bytes, *, guid: str = ""
 ) -> tuple[int, Any]:
+    """One call as an SDK makes it: its headers, with a GUID of the call's own (a new UUID
+    written as that SDK writes them, unless `guid` is the one to send), and its bytes."""
+    sample = headers["X-Outbound-GUID"]
+    fresh = str(uuid.uuid4())
+    headers = {**headers, "X-Outbound-GUID": guid or (fresh.upper() if sample.isupper() else fresh)}
     status, answer, _ = await collector.post(path, data=body, headers=headers)
     return status, answer
 
@@ -410,6 +416,28 @@ async def test_android_1_0_milliseconds_and_batches(guarded: Collector, fake: Fa
     # A call goes on as the SDK sent it, its milliseconds too.
     token = {"user_id": "u-5", "token": "fcm-5", "timestamp": 1539553366000}
     assert user[5][1] == user[6][1] == token
+
+
+async def test_a_call_sent_again_with_its_guid_is_a_resend(
+    guarded: Collector, fake: FakeOutbound
+) -> None:
+    """Android 0.4.0 keeps each call's X-Outbound-GUID with it (RequestStorage's `guid`
+    column; OutboundRequest.getBuilder makes one only when it has none) and sends it again
+    under the same GUID after a 5xx or no answer; Outbound dedupes by it, and so does the
+    collector, within dedupe_window. (iOS 1.1.1 and the Connect SDKs make a GUID per
+    attempt: nothing to go by.)"""
+    fake.always = Fault(503)  # keep the records queued, to count them
+    track = b'{"user_id":"u-3","event":"paid","properties":{},"timestamp":1529366403}'
+    guid = "4a8d2f0e-5b6c-4d7e-8f90-a1b2c3d4e5f6"
+    for _ in range(2):  # the answer to the first was lost: the SDK sends it again
+        status = await send(guarded, ANDROID_0_4_HEADERS, "/v2/track", track, guid=guid)
+        assert status == (202, b"")
+    # The same body again is another call, under a GUID of its own.
+    assert await send(guarded, ANDROID_0_4_HEADERS, "/v2/track", track) == (202, b"")
+    assert guarded.queue.depth == 2
+    fake.always = None
+    received = await fake.wait_for(1 + 2)
+    assert [r.endpoint for r in received] == ["identify", "track", "track"]
 
 
 # -- the rules around the mobile SDKs' fields -------------------------------------------------
