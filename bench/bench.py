@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import platform
@@ -30,6 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))  # the collector's code, imported where it is measured
+sys.path.insert(1, str(ROOT / "tests"))  # the tests' redis-server, which the bench starts too
+from redis_server import REDIS_SERVER, RedisServer  # noqa: E402 (after the path)
+
 PYTHON = sys.executable
 CONNECTIONS = 32
 # The last commit before aiohttp-cors and aiohttp's client replaced the hand-written CORS
@@ -154,9 +158,11 @@ def start_collector(
     extra: list[str] | None = None,
     rung: str = "full",
     code: Path | None = None,
+    queue_url: str | None = None,
 ) -> Process:
     """The collector as it ships, or one of the lower rungs of `servers.py`; `code`: the
-    collector of another version (a `checkout`) instead of this one."""
+    collector of another version (a `checkout`) instead of this one; `queue_url`: its queue
+    in Redis rather than in SQLite in `data_dir`."""
     port = free_port()
     env = {
         "OUTBOUND_API_KEY": "bench-key",
@@ -168,6 +174,8 @@ def start_collector(
         "COLLECTOR_QUEUE_SHARE_PER_IP": "1",
         "COLLECTOR_QUEUE_BROWSER_SHARE": "1",
     }
+    if queue_url is not None:
+        env["COLLECTOR_QUEUE_URL"] = queue_url
     if code is not None:
         # `python -m` puts the working directory first on the path: there, the other version.
         env["PYTHONPATH"] = str(code)
@@ -345,6 +353,7 @@ class Results:
     script_gzip_bytes: int = 0
     skew: list[dict[str, Any]] = field(default_factory=list)
     skew_before: list[dict[str, Any]] = field(default_factory=list)
+    shared: Shared | None = None  # collectors sharing one queue on Redis
 
 
 def beacon(events: int) -> bytes:
@@ -648,41 +657,59 @@ def measure_stages(work: Path, schemas: Path, seconds: float, rounds: int) -> li
     return found
 
 
+def queued_records(
+    first: int, end: int, users: int, prefix: str, now: float
+) -> list[dict[str, Any]]:
+    """Events `first` to `end` of a prefilled queue, stored as ingest stores a visitor's."""
+    return [
+        {
+            **EVENT,
+            "message_id": f"{prefix}-q{n}",
+            # As ingest stores a visitor now: in the anonymous namespace. A record without
+            # the mark (queued before it) gets an identify before every track, which is the
+            # upgrade's cost, not the relay's pace.
+            "anonymous_id": f"anon:{prefix}-{n % users}",
+            "anonymous_prefix": "anon:",
+            "user_id": None,
+            "received_at": now,
+            "traits": {},
+            "ip": "203.0.113.0",
+            "user_agent": "Mozilla/5.0",
+            "origin": "https://www.example.com",
+        }
+        for n in range(first, end)
+    ]
+
+
 def prefill(
-    data_dir: Path, events: int, users: int, *, prefix: str = "user", backoff: float = 0.0
+    data_dir: Path,
+    events: int,
+    users: int,
+    *,
+    prefix: str = "user",
+    backoff: float = 0.0,
+    queue_url: str | None = None,
 ) -> None:
-    """Queue `events` events directly, as if Outbound had been down while they came in.
-    `backoff`: the first event of each user then waits that many seconds for its next try,
-    as after a failed attempt (later events of those users wait behind it)."""
-    from collector.queue import SQLiteQueue
+    """Queue `events` events directly, as if Outbound had been down while they came in: in
+    SQLite in `data_dir`, or in the Redis queue at `queue_url`. `backoff`: the first event
+    of each user then waits that many seconds for its next try, as after a failed attempt
+    (later events of those users wait behind it)."""
+    from collector.queue import RedisQueue, SQLiteQueue
+
+    limits: dict[str, Any] = {"dedupe_window": 0, "max_events": 10**8, "max_bytes": 10**12}
 
     async def fill() -> None:
-        queue = SQLiteQueue(
-            data_dir / "queue.sqlite3", dedupe_window=0, max_events=10**8, max_bytes=10**12
-        )
+        queue: SQLiteQueue | RedisQueue
+        if queue_url is None:
+            queue = SQLiteQueue(data_dir / "queue.sqlite3", **limits)
+        else:
+            # A tool's connection (it takes no partitions), as the dead-letters command's.
+            assert not backoff, "a backoff needs a claim, which needs a partition's lease"
+            queue = RedisQueue(queue_url, owner=False, **limits)
         await queue.open()
         now = time.time()
-        for start_at in range(0, events, 5000):
-            await queue.put(
-                [
-                    {
-                        **EVENT,
-                        "message_id": f"{prefix}-q{n}",
-                        # As ingest stores a visitor now: in the anonymous namespace. A
-                        # record without the mark (queued before it) gets an identify before
-                        # every track, which is the upgrade's cost, not the relay's pace.
-                        "anonymous_id": f"anon:{prefix}-{n % users}",
-                        "anonymous_prefix": "anon:",
-                        "user_id": None,
-                        "received_at": now,
-                        "traits": {},
-                        "ip": "203.0.113.0",
-                        "user_agent": "Mozilla/5.0",
-                        "origin": "https://www.example.com",
-                    }
-                    for n in range(start_at, min(events, start_at + 5000))
-                ]
-            )
+        for first in range(0, events, 5000):
+            await queue.put(queued_records(first, min(events, first + 5000), users, prefix, now))
         if backoff:
             for head in await queue.claim(users, now=now, lease=60):
                 await queue.retry(
@@ -764,6 +791,397 @@ def drain(
         "ratio_to_limit": (calls / elapsed) / limit if limit else None,
         "cpu_us_per_event": cpu / events * 1e6,
     }
+
+
+# Collectors sharing one queue on Redis (issue 16): ingest with one and with two collector
+# processes on one Redis, and the relay draining a prefilled Redis queue with one and with
+# two serve processes, beside the SQLite queue's single process in the same run.
+SHARED_INGEST = (SINGLE, BATCH)
+PARTITIONS = 16  # redis_partitions' default: the most relays that can share the queue
+_SEEDS = itertools.count(1)
+
+
+def start_redis(work: Path) -> RedisServer:
+    """A redis-server of the bench's own on a free loopback port, in the work directory, as
+    the tests start theirs: appendonly yes, appendfsync everysec (durability "normal"), no
+    RDB snapshots."""
+    return RedisServer(Path(tempfile.mkdtemp(prefix="redis-", dir=work))).start()
+
+
+def redis_process(server: RedisServer) -> Process:
+    """The server's process, for its CPU time and memory."""
+    assert server.process is not None
+    return Process(server.process, server.port)
+
+
+def run_spread(ports: list[int], script: str, seconds: float, work: Path) -> Load:
+    """wrk against every port at once, the CONNECTIONS split between them: their loads
+    together (rates and counts summed; latencies the worse of their percentiles)."""
+    runs = [
+        subprocess.Popen(
+            # A seed of its own for each wrk: Lua's generator starts alike in every process,
+            # and two wrk runs would send the same message ids, which the shared dedupe
+            # window stores once.
+            wrk_command(
+                port,
+                script + f"math.randomseed({next(_SEEDS)})\n",
+                seconds,
+                work,
+                connections=CONNECTIONS // len(ports),
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for port in ports
+    ]
+    loads = [wrk_load(run.communicate(timeout=seconds + 60)[0]) for run in runs]
+    return Load(
+        sum(load.requests_per_second for load in loads),
+        max(load.p50_ms for load in loads),
+        max(load.p99_ms for load in loads),
+        sum(load.requests for load in loads),
+        sum(load.non_2xx for load in loads),
+    )
+
+
+@dataclass
+class Setup:
+    """Collector processes on one queue: SQLite's (one process), or one Redis's."""
+
+    name: str
+    collectors: list[Process]
+    redis: Process | None = None
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far: the collectors' together, and Redis's."""
+        return (
+            sum(process.cpu_seconds() for process in self.collectors),
+            self.redis.cpu_seconds() if self.redis else 0.0,
+        )
+
+
+def quiet_collector(
+    work: Path, schemas: Path, outbound_port: int, queue_url: str | None = None
+) -> Process:
+    """A collector for ingest alone (its relay's circuit open and quiet), on SQLite in a
+    data directory of its own or on the Redis at `queue_url`."""
+    data_dir = Path(tempfile.mkdtemp(dir=work))
+    return start_collector(data_dir, schemas, outbound_port, QUIET_RELAY, queue_url=queue_url)
+
+
+@dataclass
+class SharedIngest:
+    """One scenario's ingest in one setup, turn by turn."""
+
+    scenario: Scenario
+    setup: str
+    collectors: int
+    loads: list[Load]
+    collector_cpu_us: float  # per event, the collectors together
+    redis_cpu_us: float | None  # per event
+    ratios: list[float]  # req/s ÷ SQLite's one collector, turn by turn
+
+
+def measure_shared_ingest(
+    work: Path, schemas: Path, seconds: float, rounds: int
+) -> list[SharedIngest]:
+    """Single events and batches of 20 into SQLite (one collector), one collector on Redis
+    and two collectors on another Redis (wrk on both at once), taking turns."""
+    found = []
+    for scenario in SHARED_INGEST:
+        script = scenario.script()
+        outbound = start_refused_outbound()
+        servers = [start_redis(work), start_redis(work)]
+        setups: list[Setup] = []
+        try:
+            quiet = (work, schemas, outbound.port)
+            setups += [
+                Setup("SQLite", [quiet_collector(*quiet)]),
+                Setup(
+                    "Redis", [quiet_collector(*quiet, servers[0].url)], redis_process(servers[0])
+                ),
+                Setup(
+                    "Redis",
+                    [quiet_collector(*quiet, servers[1].url) for _ in range(2)],
+                    redis_process(servers[1]),
+                ),
+            ]
+            for setup in setups:  # warm-up
+                run_spread([p.port for p in setup.collectors], script, 1, work)
+            loads: list[list[Load]] = [[] for _ in setups]
+            cpu = [[0.0, 0.0] for _ in setups]
+            for _ in range(rounds):
+                for index, setup in enumerate(setups):
+                    before = setup.cpu()
+                    ports = [p.port for p in setup.collectors]
+                    loads[index].append(run_spread(ports, script, seconds, work))
+                    after = setup.cpu()
+                    cpu[index][0] += after[0] - before[0]
+                    cpu[index][1] += after[1] - before[1]
+        finally:
+            for setup in setups:
+                for process in setup.collectors:
+                    process.stop()
+            for server in servers:
+                server.stop()
+            outbound.stop()
+        for index, setup in enumerate(setups):
+            events = sum(load.requests for load in loads[index]) * scenario.events_per_request
+            found.append(
+                SharedIngest(
+                    scenario,
+                    setup.name,
+                    len(setup.collectors),
+                    loads[index],
+                    cpu[index][0] / max(1, events) * 1e6,
+                    cpu[index][1] / max(1, events) * 1e6 if setup.redis else None,
+                    turn_ratios(loads[index], loads[0]),
+                )
+            )
+    return found
+
+
+def lease_holders(server: RedisServer, partitions: int = PARTITIONS) -> list[int | None]:
+    """The pid of the collector holding each partition's lease (None: free). The lease key's
+    value is the holder's fencing token, `host:pid:random:fence` (redis_streams' _TEND)."""
+    with server.client() as client:
+        tokens = client.mget([f"collector:lease:{n}" for n in range(partitions)])
+    return [int(token.decode().rsplit(":", 3)[1]) if token else None for token in tokens]
+
+
+def wait_balanced(server: RedisServer, relays: list[Process], timeout: float = 60.0) -> None:
+    """Wait until the relays hold every partition, an equal share each (a collector that
+    joins takes free partitions only; the others let go of their extras in turn)."""
+    share = PARTITIONS // len(relays)
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = lease_holders(server)
+        if all(holders.count(relay.popen.pid) == share for relay in relays):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench: the partitions did not spread over the relays: {holders}")
+        time.sleep(0.1)
+
+
+def paced(outbound: Process, events: int, started: float) -> tuple[float, float]:
+    """Poll the fake Outbound until it has `events` tracks: the pace (events/s) between 20 %
+    and 90 % of them, where every relay is busy (neither the calls held until `started`
+    nor the last lines' tail), and when the last call came."""
+    samples: list[tuple[float, int]] = [(started, 0)]
+    while (count := outbound_call(outbound.port, "/count"))["tracks"] < events:
+        samples.append((time.time(), count["tracks"]))
+        time.sleep(0.05)
+    samples.append((count["last"], count["tracks"]))
+
+    def crossing(share: float) -> tuple[float, int]:
+        return next((at, n) for at, n in samples if n >= share * events)
+
+    (begin, low), (end, high) = crossing(0.2), crossing(0.9)
+    if end - begin < 0.5:  # too short to sample (a smoke run): the whole drain
+        (begin, low), (end, high) = samples[0], samples[-1]
+    return (high - low) / (end - begin), count["last"]
+
+
+def drain_shared(
+    work: Path,
+    schemas: Path,
+    events: int,
+    delay: float,
+    relays: int,
+    *,
+    redis: bool,
+    concurrency: int = 64,
+) -> dict[str, Any]:
+    """Relay a prefilled queue to the fake Outbound: SQLite's (one serve process, started on
+    the prefilled file), or Redis's with `relays` serve processes. Those start on the empty
+    Redis queue and wait until the partitions are spread over them; then the fake Outbound
+    holds its calls while the queue is filled, and lets them go."""
+    users = max(concurrency * 8, 1000)
+    outbound = start_outbound(delay)
+    options = ["--relay-concurrency", str(concurrency)]
+    # A fill holds the first calls unanswered for seconds: they must not time out.
+    options += ["--relay-timeout", "60", "--lease-seconds", "150"]
+    data_dirs = [Path(tempfile.mkdtemp(dir=work)) for _ in range(relays)]
+    server = start_redis(work) if redis else None
+    collectors: list[Process] = []
+    memory_per_event = None
+    try:
+        if server is None:
+            prefill(data_dirs[0], events, users)
+            collectors.append(start_collector(data_dirs[0], schemas, outbound.port, options))
+            setup = Setup("SQLite", collectors)
+            split_before = [process.cpu_seconds() for process in collectors]
+            cpu_before, started = setup.cpu(), time.time()
+        else:
+            for data_dir in data_dirs:
+                collectors.append(
+                    start_collector(data_dir, schemas, outbound.port, options, queue_url=server.url)
+                )
+            wait_balanced(server, collectors)
+            setup = Setup("Redis", collectors, redis_process(server))
+            with server.client() as client:
+                used_before = int(client.info("memory")["used_memory"])
+                outbound_call(outbound.port, "/hold", b"")
+                prefill(data_dirs[0], events, users, queue_url=server.url)
+                memory_per_event = (
+                    int(client.info("memory")["used_memory"]) - used_before
+                ) / events
+            split_before = [process.cpu_seconds() for process in collectors]
+            cpu_before, started = setup.cpu(), time.time()
+            outbound_call(outbound.port, "/release", b"")
+        rate, last = paced(outbound, events, started)
+        cpu_after = setup.cpu()
+        split = [p.cpu_seconds() - b for p, b in zip(collectors, split_before, strict=True)]
+    finally:
+        for process in collectors:
+            process.stop()
+        if server is not None:
+            server.stop()
+        outbound.stop()
+    limit = relays * concurrency / delay if delay else None
+    return {
+        "setup": setup.name,
+        "relays": relays,
+        "delay": delay,
+        "events": events,
+        "events_per_second": rate,
+        "limit": limit,
+        "collector_cpu_us": (cpu_after[0] - cpu_before[0]) / events * 1e6,
+        "redis_cpu_us": (cpu_after[1] - cpu_before[1]) / events * 1e6 if server else None,
+        "cpu_split": [cpu / max(1e-9, sum(split)) for cpu in split],
+        "redis_bytes_per_event": memory_per_event,
+        "elapsed": last - started,
+    }
+
+
+def measure_shared_relay(work: Path, schemas: Path, smoke: bool) -> list[dict[str, Any]]:
+    """The drains: SQLite with one relay, Redis with one and with two; Outbound answering at
+    once and after 50 ms."""
+    events = 2_000 if smoke else 100_000
+    return [
+        drain_shared(work, schemas, events, delay, relays, redis=redis)
+        for delay in (0.0, 0.05)
+        for redis, relays in ((False, 1), (True, 1), (True, 2))
+    ]
+
+
+@dataclass
+class Shared:
+    """The Redis section's figures."""
+
+    ingest: list[SharedIngest]
+    relay: list[dict[str, Any]]
+    redis_version: str
+    commit: str
+    command: str
+    measured: str
+
+
+def measure_shared(work: Path, schemas: Path, seconds: float, rounds: int, smoke: bool) -> Shared:
+    version = subprocess.run(
+        [REDIS_SERVER, "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return Shared(
+        measure_shared_ingest(work, schemas, seconds, rounds),
+        measure_shared_relay(work, schemas, smoke),
+        next((word[2:] for word in version if word.startswith("v=")), "?"),
+        commit or "unknown",
+        "bench/run " + " ".join(sys.argv[1:]),
+        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
+
+
+REDIS_SECTION = "## Collectors sharing one queue on Redis"
+
+
+def shared_table(shared: Shared) -> str:
+    """The Redis section of RESULTS.md: its own header, the ingest and the relay tables."""
+    first = next((row for row in shared.relay if row["redis_bytes_per_event"] is not None), None)
+    memory = (
+        f"Redis held {first['redis_bytes_per_event']:,.0f} bytes of memory per queued event "
+        f"(used_memory over the fill of {first['events']:,} events of about "
+        f"{len(json.dumps(queued_records(0, 1, 1, 'user', 0.0)[0])):,} bytes of JSON)."
+        if first
+        else ""
+    )
+    out = [
+        REDIS_SECTION,
+        "",
+        f"Measured {shared.measured} with `{shared.command}` at commit {shared.commit}.",
+        "",
+        f"- Redis {shared.redis_version}: a redis-server of the bench's own on 127.0.0.1, in "
+        'its work directory: appendonly yes, appendfsync everysec (durability "normal": '
+        "nothing acknowledged is lost when a process is killed; a power loss may lose the "
+        "last second), no RDB snapshots. One Redis per setup.",
+        "- Everything runs on this one machine: wrk, the collectors and Redis share its "
+        f"{os.cpu_count()} cores, so a second collector adds no core of its own here. The "
+        "CPU columns say what each part costs per event, which is what adds up on machines "
+        "of their own.",
+        f"- Ingest: wrk, {CONNECTIONS} connections in all (two collectors: two wrk at once, "
+        f"{CONNECTIONS // 2} connections each; rates summed, latencies the worse of the "
+        "two), Outbound refusing so that the relays are quiet; the setups take turns, "
+        f"{len(shared.ingest[0].loads) if shared.ingest else 0} turns of each; the median turn, "
+        "and each turn's ratio to SQLite's one collector.",
+        "- Relay: a prefilled queue of visitors (1,000 users) drained into the fake Outbound "
+        "at relay concurrency 64 a process; the pace is taken between 20 % and 90 % of the "
+        "events delivered. SQLite's collector starts on the prefilled file; Redis's start on "
+        "the empty queue, wait until the 16 partitions are spread over them (8 each for two), "
+        "and the fake Outbound holds their calls while the queue is filled.",
+        "",
+        "| ingest | queue | collectors | req/s | events/s | ratio to SQLite (per turn) "
+        "| p50 / p99 (ms) | non-2xx | collector CPU µs / event | Redis CPU µs / event |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in shared.ingest:
+        load = median_load(row.loads)
+        turns = ", ".join(f"{ratio:.2f}" for ratio in row.ratios)
+        redis_cpu = f"{row.redis_cpu_us:.0f}" if row.redis_cpu_us is not None else "-"
+        out.append(
+            f"| {row.scenario.name} | {row.setup} | {row.collectors} | "
+            f"{load.requests_per_second:,.0f} | "
+            f"{load.requests_per_second * row.scenario.events_per_request:,.0f} | "
+            f"{median(row.ratios):.2f} ({turns}) | {load.p50_ms:.2f} / {load.p99_ms:.2f} | "
+            f"{sum(turn.non_2xx for turn in row.loads)} | {row.collector_cpu_us:.0f} | "
+            f"{redis_cpu} |"
+        )
+    out += [
+        "",
+        "| relay | queue | relays | events/s | limit (relays × 64 ÷ latency) "
+        "| collector CPU µs / event | CPU split over relays | Redis CPU µs / event |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for drain in shared.relay:
+        when = "at once" if not drain["delay"] else f"after {drain['delay'] * 1000:.0f} ms"
+        limit = f"{drain['limit']:,.0f} calls/s" if drain["limit"] else "-"
+        split = " / ".join(f"{share:.0%}" for share in drain["cpu_split"])
+        redis_cpu = f"{drain['redis_cpu_us']:.0f}" if drain["redis_cpu_us"] is not None else "-"
+        out.append(
+            f"| drain {drain['events']:,} events, Outbound answers {when} | {drain['setup']} | "
+            f"{drain['relays']} | {drain['events_per_second']:,.0f} | {limit} | "
+            f"{drain['collector_cpu_us']:.0f} | {split} | {redis_cpu} |"
+        )
+    if memory:
+        out += ["", memory]
+    return "\n".join(out)
+
+
+def replace_section(text: str, section: str) -> str:
+    """`text` (RESULTS.md) with its section under the same `## ` heading replaced by
+    `section`, up to the next `## ` heading; appended when it has none."""
+    heading = section.split("\n", 1)[0]
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        return (
+            pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1).rstrip("\n") + "\n"
+        )
+    head = text.rstrip("\n")
+    return (head + "\n\n" if head else "") + section.rstrip("\n") + "\n"
 
 
 # Ingest by other clients while a skewed queue drains: single-event beacons at this fixed,
@@ -1262,6 +1680,8 @@ def table(results: Results) -> str:
         out += ["", attack_table(results.attack)]
     if results.stages:
         out += ["", stages_table(results.stages)]
+    if results.shared is not None:
+        out += ["", shared_table(results.shared)]
     return "\n".join(out)
 
 
@@ -1404,6 +1824,12 @@ def main() -> None:
     parser.add_argument(
         "--only-attack", action="store_true", help="only the row under attack (no RESULTS.md)"
     )
+    parser.add_argument(
+        "--only-redis",
+        action="store_true",
+        help="only the rows of collectors sharing a queue on Redis, beside SQLite's; they "
+        "replace their section of RESULTS.md",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is missing (bench/run installs it)")
@@ -1414,6 +1840,14 @@ def main() -> None:
         schemas.mkdir()
         (schemas / "renewMembership.json").write_text(json.dumps(SCHEMA))
         results = Results(script_gzip_bytes=script_size(), previous=args.previous)
+        if args.only_redis:
+            section = shared_table(measure_shared(work, schemas, seconds, rounds, args.smoke))
+            print(section)
+            path = args.out / "RESULTS.md"
+            args.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(replace_section(path.read_text() if path.exists() else "", section))
+            print(f"\nwrote its section into {path}")
+            return
         if args.only_relay:
             results.relay = measure_relay(work, schemas, args.smoke)
             print(relay_table(results.relay))
@@ -1446,6 +1880,7 @@ def main() -> None:
         results.memory = memory_flat(
             work, schemas, 20_000 if args.smoke else 1_000_000, 2 if args.smoke else 15
         )
+        results.shared = measure_shared(work, schemas, seconds, rounds, args.smoke)
     print(table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     write_results(results, args.out / "RESULTS.md", args.smoke)

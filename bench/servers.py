@@ -7,7 +7,8 @@
 The baseline is the ceiling: a bare aiohttp app in the same Python, one process, access
 log off, whose handler reads the body and answers 204. The fake Outbound answers every
 call (after DELAY_SECONDS), counts them (and notes when the first and the latest came),
-and fails on demand (POST /mode with a status).
+fails on demand (POST /mode with a status), and holds every call unanswered from POST /hold
+until POST /release (then they count as arriving at the release).
 
 The collector rungs show where its time goes between the baseline and the whole of it:
 `answer` is the collector's app (middleware, headers, routes) whose event handlers read
@@ -69,9 +70,15 @@ class FakeOutbound(asyncio.Protocol):
     rather than the relay. This one answers `delay` after each request arrived.
     """
 
-    def __init__(self, state: dict[str, float], delay: float) -> None:
+    def __init__(
+        self,
+        state: dict[str, float],
+        delay: float,
+        held: list[tuple[FakeOutbound, str, str, bytes]],
+    ) -> None:
         self.state = state
         self.delay = delay
+        self.held = held  # calls of every connection waiting for /release
         self.buffer = b""
         self.transport: asyncio.WriteTransport | None = None
 
@@ -101,6 +108,18 @@ class FakeOutbound(asyncio.Protocol):
         elif path == "/mode":
             state["status"] = int(body)
             self.send(204)
+        elif path == "/hold":
+            state["hold"] = 1
+            self.send(204)
+        elif path == "/release":
+            state["hold"] = 0
+            held = list(self.held)
+            self.held.clear()
+            for connection, held_method, held_path, held_body in held:
+                connection.answer(held_method, held_path, held_body)
+            self.send(204)
+        elif state["hold"]:
+            self.held.append((self, method, path, body))
         elif state["status"] != 200:
             loop.call_later(self.delay, self.send, int(state["status"]))
         else:
@@ -122,11 +141,14 @@ class FakeOutbound(asyncio.Protocol):
 
 
 def outbound(port: int, delay: float) -> None:
-    state = {"calls": 0, "tracks": 0, "status": 200, "first": 0.0, "last": 0.0}
+    state = {"calls": 0, "tracks": 0, "status": 200, "first": 0.0, "last": 0.0, "hold": 0}
+    held: list[tuple[FakeOutbound, str, str, bytes]] = []
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: FakeOutbound(state, delay), "127.0.0.1", port)
+        server = await loop.create_server(
+            lambda: FakeOutbound(state, delay, held), "127.0.0.1", port
+        )
         async with server:
             await server.serve_forever()
 

@@ -115,7 +115,51 @@ def test_bench_smoke_writes_results_and_chart(tmp_path: Path) -> None:
     assert "| single-event beacon from another origin | " in results
     assert "| under attack | " in results  # a legitimate client beside the attacks
     assert "| drain 1,000 events, Outbound answers after 50 ms, concurrency 64 | " in results
+    # Collectors sharing one queue on Redis, beside SQLite's one collector.
+    assert "## Collectors sharing one queue on Redis" in results
+    assert "| batch of 20 events | SQLite | 1 | " in results
+    assert "| batch of 20 events | Redis | 2 | " in results
+    assert "| drain 2,000 events, Outbound answers at once | Redis | 2 | " in results
+    assert "| drain 2,000 events, Outbound answers after 50 ms | Redis | 1 | " in results
     assert (tmp_path / "ingest.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_section_replaces_its_own_and_nothing_else() -> None:
+    from bench import REDIS_SECTION, replace_section
+
+    section = f"{REDIS_SECTION}\n\nnew figures\n"
+    before = "# Benchmark results\n\nrows\n"
+    assert replace_section(before, section) == f"{before}\n{section}"
+    old = f"{before}\n{REDIS_SECTION}\n\nold figures\n"
+    assert replace_section(old, section) == f"{before}\n{section}"
+    later = "## Another section\n\nits figures\n"
+    assert replace_section(f"{old}\n{later}", section) == f"{before}\n{section}\n{later}"
+    assert replace_section("", section) == section
+
+
+def test_the_fake_outbound_holds_calls_until_released() -> None:
+    from bench import outbound_call, start_outbound
+
+    outbound = start_outbound()
+    try:
+        outbound_call(outbound.port, "/hold", b"")
+        track = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request("
+                f"'http://127.0.0.1:{outbound.port}/v2/track', data=b'{{}}'), timeout=30)",
+            ]
+        )
+        with pytest.raises(subprocess.TimeoutExpired):
+            track.wait(1)  # held: no answer
+        assert outbound_call(outbound.port, "/count")["tracks"] == 0
+        outbound_call(outbound.port, "/release", b"")
+        assert track.wait(30) == 0
+        count = outbound_call(outbound.port, "/count")
+        assert (count["tracks"], count["hold"]) == (1, 0)
+    finally:
+        outbound.stop()
 
 
 def test_targets_are_judged_at_their_thresholds() -> None:
