@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 from conftest import eventually
-from fake_outbound import KEY, FakeOutbound, Received
+from fake_outbound import KEY, FakeOutbound, Fault, Received
 from redis_server import RedisServer
 from serve_process import ServeProcess
 
@@ -31,6 +31,8 @@ POSTERS = 4  # each posts for its own users, one request at a time: that is thei
 USERS_PER_POSTER = 10
 COLLECTORS = 3
 KILLS = int(os.environ.get("CLUSTER_KILLS", "3"))
+HOLD = 5.0  # seconds the takeover test's first Outbound holds its answers
+TAKEOVER_MARGIN = 3.0  # beyond the lease: a renewal turn (lease / 3), a claim, a slow machine
 
 
 def collector_env(outbound_url: str, queue_url: str) -> dict[str, str]:
@@ -44,6 +46,10 @@ def collector_env(outbound_url: str, queue_url: str) -> dict[str, str]:
         "COLLECTOR_IDENTITY_SECRET": SECRET,
         "COLLECTOR_RETRY_BASE": "0.1",
         "COLLECTOR_RETRY_CAP": "1",
+        # An outcome Redis did not take (its connection died with it) goes again after this
+        # claim lease: seconds here, as in the other tests, rather than a minute.
+        "COLLECTOR_RELAY_TIMEOUT": "2",
+        "COLLECTOR_LEASE_SECONDS": "5",
         # One client sends for everyone here: the per-client limits would refuse it.
         "COLLECTOR_RATE_LIMIT_PER_IP": "0",
         "COLLECTOR_RATE_LIMIT_PER_USER": "0",
@@ -228,3 +234,101 @@ async def test_three_collectors_killed_at_random_and_redis_killed_lose_no_acknow
     assert codes == [0] * COLLECTORS
     outputs = [process.output() for process in cluster.processes]
     assert all("Traceback" not in output for output in outputs)
+
+
+async def post(url: str, events: list[dict[str, object]]) -> None:
+    """POST a batch with the server token; it must be acknowledged."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/e", data=orjson.dumps({"batch": events}), headers=AUTH) as response,
+    ):
+        assert response.status == 202, await response.text()
+
+
+async def test_a_collector_takes_over_a_dead_ones_partitions_within_the_lease(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Each collector relays to an Outbound of its own: which one a user's events reach says
+    # which collector owns the user's partition.
+    first_outbound, second_outbound = FakeOutbound(), FakeOutbound()
+    await first_outbound.start()
+    await second_outbound.start()
+    cluster = Cluster(tmp_path, collector_env("", redis_server.url))
+    users = [f"user{n:02d}" for n in range(25)]
+    events = {(user, seq) for user in users for seq in range(1, 5)}
+    try:
+        first, _ = [
+            await asyncio.to_thread(
+                cluster.start,
+                # Two events a call: a user's four events are two calls, one after the other.
+                {"COLLECTOR_OUTBOUND_URL": outbound.url, "COLLECTOR_RELAY_BATCH_SIZE": "2"},
+            )
+            for outbound in (first_outbound, second_outbound)
+        ]
+        with redis_server.client() as client:
+            await eventually(lambda: client.zcard("collector:members") == 2)
+        await asyncio.sleep(LEASE / 3)  # a turn of leases: each holds its share
+        # Users first identified, so that their tracks need no identify before them.
+        await post(first.base_url, [{"type": "identify", "user_id": user} for user in users])
+        await eventually(lambda: len(first_outbound.received + second_outbound.received) == 25)
+        with redis_server.client() as client:
+            owners = Counter(
+                lease.decode().split(":")[1]
+                for lease in client.mget(client.keys("collector:lease:*"))
+                if lease is not None
+            )
+        # From now on the first one's Outbound takes every call and holds its answer for
+        # seconds: the first collector's calls are in flight when it dies.
+        first_outbound.always = Fault(200, taken=True, delay=HOLD)
+        # One request: every user's whole line is queued before any claim sees it.
+        await post(
+            first.base_url,
+            [
+                {
+                    "event": "order",
+                    "user_id": user,
+                    "message_id": f"{user}-{seq}",
+                    "properties": {"seq": seq},
+                }
+                for user, seq in sorted(events, key=lambda event: event[1])
+            ],
+        )
+        await eventually(lambda: len(first_outbound.tracks()) > 0)
+        await asyncio.sleep(0.3)  # it sends its other users' first calls meanwhile
+        await asyncio.to_thread(first.stop, signal.SIGKILL)
+        killed_at = time.time()
+
+        def all_delivered_by_the_second() -> bool:
+            return {event for event, _ in arrivals(second_outbound)} == events
+
+        await eventually(all_delivered_by_the_second, within=LEASE + TAKEOVER_MARGIN)
+    finally:
+        await asyncio.to_thread(cluster.stop_all)
+        await first_outbound.close()
+        await second_outbound.close()
+
+    in_flight = arrivals(first_outbound)
+    orphaned = {user for (user, _), _ in in_flight}  # the dead collector's users
+    taken_over = [(event, r) for event, r in arrivals(second_outbound) if event[0] in orphaned]
+    guids = {r.headers["X-Outbound-GUID"] for _, r in in_flight}
+    print(
+        f"\ntakeover: partitions held by process {dict(owners)}; the killed collector "
+        f"(pid {first.process.pid}) had {len(guids)} calls in flight "
+        f"({len(in_flight)} events of {len(orphaned)} of {len(users)} users); the other sent "
+        f"the first of them {min(r.at for _, r in taken_over) - killed_at:.2f} s after the "
+        f"kill (lease {LEASE} s)"
+    )
+    assert orphaned, "the first collector relayed no track: nothing to take over"
+    assert owners[str(first.process.pid)] > 0
+    # Never two relays for one user at once: the second sent nothing of theirs before the kill.
+    assert all(r.at > killed_at for _, r in taken_over)
+    # What was in flight went again, the same events in the same call (the same GUID).
+    sent_again = {event: r.headers["X-Outbound-GUID"] for event, r in taken_over}
+    assert {event: r.headers["X-Outbound-GUID"] for event, r in in_flight} == {
+        event: sent_again[event] for event, _ in in_flight
+    }
+    # And in order, each user's events once (the second collector's own users too).
+    by_user: defaultdict[str, list[int]] = defaultdict(list)
+    for (user, seq), _ in arrivals(second_outbound):
+        by_user[user].append(seq)
+    assert by_user == {user: [1, 2, 3, 4] for user in users}
