@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -122,6 +123,18 @@ async def post_as_visitor(url: str, body: object, headers: dict[str, str]) -> in
         session.post(url, json=body, headers=headers) as response,
     ):
         return response.status
+
+
+async def visitor_answer(url: str, body: object, headers: dict[str, str]) -> dict[str, Any]:
+    """What the collector answers the visitor's 202."""
+    connector = aiohttp.TCPConnector(local_addr=(CLIENT, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(url, json=body, headers=headers) as response,
+    ):
+        assert response.status == 202, await response.text()
+        answer: dict[str, Any] = await response.json()
+        return answer
 
 
 async def test_nginx_passes_the_visitor_address_not_a_forged_one(
@@ -335,7 +348,8 @@ def test_template_unit_with_its_environment_file_checks_clean(
     assert not any("QUEUE_URL" in value for name, value in directives if name == "Environment")
     files = [value for name, value in directives if name == "EnvironmentFile"]
     assert files == ["/etc/outbound-collector/env", "-/etc/outbound-collector/%i.env"]
-    env["COLLECTOR_DATA_DIR"] = str(tmp_path / "data" / port)  # the StateDirectory
+    assert env["COLLECTOR_DATA_DIR"] == "/var/lib/outbound-collector"  # the StateDirectory
+    env["COLLECTOR_DATA_DIR"] = str(tmp_path / "data")
     env["COLLECTOR_QUEUE_URL"] = documented_redis.collector_url
     command = shlex.split(dict(directives)["ExecStart"].replace("%i", port))
     assert command[0].endswith("/bin/outbound-collector")
@@ -365,10 +379,21 @@ async def metric(base_url: str, name: str) -> float:
 async def test_two_collectors_behind_nginx_share_the_documented_redis(
     documented_redis: DocumentedRedis, fake: FakeOutbound, tmp_path: Path
 ) -> None:
-    """deploy/nginx-collectors.conf in front of two collectors on one Redis: requests go to
-    both, the visitor's address is the one nginx saw, and with one collector stopped the
-    other takes every request and relays what the stopped one had."""
+    """deploy/nginx-collectors.conf in front of two collectors on one Redis, in one data
+    directory as the template unit runs them: requests go to both, the visitor's address is
+    the one nginx saw, a browser's resend through the other collector is a duplicate, and
+    with one collector stopped the other takes every request and relays everything."""
     port = free_port()
+    unit = dict(
+        value.partition("=")[::2]
+        for name, value in unit_directives(DEPLOY / "outbound-collector@.service")
+        if name == "Environment"
+    )
+
+    def data_dir(instance: str) -> Path:
+        """The instance's data directory as the template unit gives it, under tmp_path."""
+        return tmp_path / unit["COLLECTOR_DATA_DIR"].replace("%i", instance).lstrip("/")
+
     env = {
         "OUTBOUND_API_KEY": KEY,
         "COLLECTOR_OUTBOUND_URL": fake.url,
@@ -380,11 +405,11 @@ async def test_two_collectors_behind_nginx_share_the_documented_redis(
     }
     collectors = [
         ServeProcess(
-            ["--data-dir", str(tmp_path / f"data{n}")],
+            ["--data-dir", str(data_dir(instance))],
             env=env,
             log=tmp_path / f"collector{n}.log",
         )
-        for n in range(2)
+        for n, instance in enumerate(("8081", "8082"))
     ]
     try:
         documented = (DEPLOY / "nginx-collectors.conf").read_text()
@@ -407,6 +432,13 @@ async def test_two_collectors_behind_nginx_share_the_documented_redis(
             ]
             assert sum(accepted) == 6
             assert min(accepted) > 0, accepted
+            # A browser sends an event again (its beacon's answer was lost) and reaches the
+            # other collector, which knows the event: both derive its dedupe key with the
+            # data directory's ids.key.
+            resent = {**SEED_EVENT, "event": "resent", "message_id": "m-resent-0001"}
+            answers = [await visitor_answer(f"{c.base_url}/e", resent, origin) for c in collectors]
+            assert [answer.get("duplicates", 0) for answer in answers] == [0, 1]
+            survivor = await metric(collectors[1].base_url, "collector_events_accepted_total")
             # systemctl stop on one: it hands its partitions back and exits; nginx then
             # finds its port closed and sends everything to the other.
             # (On a thread: it waits for the exit while the collector finishes its calls to
@@ -416,9 +448,10 @@ async def test_two_collectors_behind_nginx_share_the_documented_redis(
                 body = {**SEED_EVENT, "event": f"after{n}"}
                 assert await post_as_visitor(f"{base}/c/e", body, origin) == 202
             assert await metric(collectors[1].base_url, "collector_events_accepted_total") == (
-                accepted[1] + 6
+                survivor + 6
             )
             names = {f"before{n}" for n in range(6)} | {f"after{n}" for n in range(6)}
+            names.add("resent")
 
             def delivered() -> set[str]:
                 return {r.body["event"] for r in fake.tracks()}
