@@ -518,6 +518,10 @@ _SCRIPTS = {
 }
 
 
+# An outcome to store: its kind (ack, retry, release, dead), the event's id, three arguments.
+Change = tuple[str, int, str, str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class _Lease:
     """What this process keeps of a claimed entry, for its ack, retry, release or dead letter."""
@@ -588,6 +592,9 @@ class RedisQueue:
         self._draining: set[int] = set()  # held, beyond our share: let go once settled
         self._share = partitions
         self._leases: dict[int, _Lease] = {}
+        # Outcomes Redis did not take (it was down): stored once it answers again, rather
+        # than their events waiting out their claim's lease to go again.
+        self._unsettled: list[tuple[list[Change], float | None]] = []
         self._ids = itertools.count(1)
         self._fenced_logged: set[tuple[int, str]] = set()
         self._healthy = True
@@ -755,8 +762,10 @@ class RedisQueue:
         if extra > 0:
             self._draining.update(sorted(set(self.held) - self._draining, reverse=True)[:extra])
         now = time.time()
-        for event_id in [i for i, item in self._leases.items() if item.until < now]:
-            del self._leases[event_id]  # its lease ran out: the event goes again anyway
+        pending = {change[1] for changes, _ in self._unsettled for change in changes}
+        for event_id, item in list(self._leases.items()):
+            if item.until < now and event_id not in pending:
+                del self._leases[event_id]  # its lease ran out: the event goes again anyway
         busy = {item.partition for item in self._leases.values()}
         settled = {n: self.held[n] for n in self._draining if n not in busy and n in self.held}
         if settled:
@@ -776,12 +785,21 @@ class RedisQueue:
                     logging.ERROR, "tend", "cannot renew the partition leases: %s", error
                 )
                 continue
+            await self._settle_unsettled()
             if interrupted:
                 log.warning(
                     "%s that another collector was sending %s again, with the same X-Outbound-GUID",
                     counted(interrupted, "event"),
                     "goes" if interrupted == 1 else "go",
                 )
+
+    async def _settle_unsettled(self) -> None:
+        """Store the outcomes that Redis did not take while it was down (fenced as ever: a
+        partition lost meanwhile is its new owner's)."""
+        pending, self._unsettled = self._unsettled, []
+        for changes, now in pending:
+            with contextlib.suppress(QueueUnavailable):  # kept for the next turn
+                await self._settle_all(changes, now)
 
     # The queue
 
@@ -875,14 +893,11 @@ class RedisQueue:
             )
         return claimed
 
-    async def _settle_all(
-        self, changes: list[tuple[str, int, str, str, str]], now: float | None = None
-    ) -> None:
+    async def _settle_all(self, changes: list[Change], now: float | None = None) -> None:
         """Apply (kind, event id, three arguments) changes in one script; forget their leases.
         `now`: a dead letter's failed_at, which also times the retention."""
-        cutoff = self._retention_cutoff(time.time() if now is None else now)
-        args: list[Any] = [self._prefix, cutoff, self._dead_letters_max, repr(now or 0.0)]
         leases = []
+        args: list[Any] = []
         for kind, event_id, a, b, c in changes:
             item = self._leases.get(event_id)
             if item is None:
@@ -891,7 +906,13 @@ class RedisQueue:
             args += [kind, item.partition, item.token, item.stream_id, item.user, a, b, c]
         if not leases:
             return
-        answer = await self._call(self._script("settle", args))
+        cutoff = self._retention_cutoff(time.time() if now is None else now)
+        args = [self._prefix, cutoff, self._dead_letters_max, repr(now or 0.0), *args]
+        try:
+            answer = await self._call(self._script("settle", args))
+        except QueueUnavailable:
+            self._unsettled.append((changes, now))
+            raise
         depth, expired, over, *results = (int(value) for value in answer)
         self.depth = depth
         for (event_id, item), result in zip(leases, results, strict=True):
