@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import time
 from collections import Counter, defaultdict
@@ -21,6 +22,8 @@ from conftest import eventually
 from fake_outbound import KEY, FakeOutbound, Fault, Received
 from redis_server import RedisServer
 from serve_process import ServeProcess
+
+from collector.identity import IDS_KEY_FILE
 
 TOKEN = "cluster-server-token-5b1f9e2a"
 SECRET = "cluster-identity-secret-0f3c8d1e7a4b6925"
@@ -58,7 +61,9 @@ def collector_env(outbound_url: str, queue_url: str) -> dict[str, str]:
 
 @dataclass
 class Cluster:
-    """Collector processes on one queue; each start has a fresh data_dir (no disk state counts)."""
+    """Collector processes on one queue. Each start has a fresh data_dir (no disk state counts,
+    as on a machine that lost its disk) holding a copy of the first one's ids.key, which every
+    collector of a cluster shares (it keys dedupe scopes and GUIDs; see deploy/)."""
 
     directory: Path
     env: dict[str, str]
@@ -66,8 +71,12 @@ class Cluster:
 
     def start(self, env: dict[str, str] | None = None) -> ServeProcess:
         n = len(self.processes)
+        data_dir = self.directory / f"data{n}"
+        if n:
+            data_dir.mkdir()
+            shutil.copy2(self.directory / "data0" / IDS_KEY_FILE, data_dir / IDS_KEY_FILE)
         process = ServeProcess(
-            ["--data-dir", str(self.directory / f"data{n}")],
+            ["--data-dir", str(data_dir)],
             env={**self.env, **(env or {})},
             log=self.directory / f"collector{n}.log",
         )
@@ -207,12 +216,13 @@ async def test_three_collectors_killed_at_random_and_redis_killed_lose_no_acknow
             for event, received in taken:
                 guids[event].add(received.headers["X-Outbound-GUID"])
             missing = tally.acknowledged - events
+            another_guid = sum(len(g) - 1 for g in guids.values())
             print(
                 f"collector kills={KILLS} (slots {victims}) + redis kills=1; "
                 f"acknowledged={len(tally.acknowledged)} delivered={len(events)} "
                 f"(of them not acknowledged: {len(events - tally.acknowledged)}) "
                 f"arrivals={len(taken)} duplicates={len(taken) - len(events)} "
-                f"(with another GUID: {sum(len(g) - 1 for g in guids.values())}) "
+                f"(with another GUID: {another_guid}) "
                 f"missing={len(missing)}; answers {dict(tally.statuses)}, "
                 f"unreachable={tally.unreachable}; during the Redis outage: {dict(in_outage)}"
             )
@@ -225,6 +235,9 @@ async def test_three_collectors_killed_at_random_and_redis_killed_lose_no_acknow
     assert len(tally.acknowledged) >= 2000, "too little load to mean anything"
     assert missing == set()
     assert first_arrivals_out_of_order(taken) == {}
+    # A resend (a kill came while its call was in flight) is the same call again, which
+    # Outbound's dedupe drops: the same events under the same X-Outbound-GUID.
+    assert another_guid == 0
     # The only refusal is Redis being away: 503 with Retry-After, never a 500 or a rejection.
     assert set(before_outage) == {202}
     assert in_outage[503] > 0
@@ -234,6 +247,16 @@ async def test_three_collectors_killed_at_random_and_redis_killed_lose_no_acknow
     assert codes == [0] * COLLECTORS
     outputs = [process.output() for process in cluster.processes]
     assert all("Traceback" not in output for output in outputs)
+
+
+def order(user: str, seq: int) -> dict[str, object]:
+    """The takeover test's event: a user's seq-th order."""
+    return {
+        "event": "order",
+        "user_id": user,
+        "message_id": f"{user}-{seq}",
+        "properties": {"seq": seq},
+    }
 
 
 async def post(url: str, events: list[dict[str, object]]) -> None:
@@ -280,21 +303,14 @@ async def test_a_collector_takes_over_a_dead_ones_partitions_within_the_lease(
         # From now on the first one's Outbound takes every call and holds its answer for
         # seconds: the first collector's calls are in flight when it dies.
         first_outbound.always = Fault(200, taken=True, delay=HOLD)
-        # One request: every user's whole line is queued before any claim sees it.
-        await post(
-            first.base_url,
-            [
-                {
-                    "event": "order",
-                    "user_id": user,
-                    "message_id": f"{user}-{seq}",
-                    "properties": {"seq": seq},
-                }
-                for user, seq in sorted(events, key=lambda event: event[1])
-            ],
-        )
+        # Every user's first event: the first collector sends its users' alone, and they stay
+        # in flight; then the rest of the lines arrive behind them. A taker must send exactly
+        # the calls in flight again (the same events, so the same GUID), not those events
+        # with the ones that came since, which would be another call to Outbound's dedupe.
+        await post(first.base_url, [order(user, 1) for user in users])
         await eventually(lambda: len(first_outbound.tracks()) > 0)
         await asyncio.sleep(0.3)  # it sends its other users' first calls meanwhile
+        await post(first.base_url, [order(user, seq) for seq in (2, 3, 4) for user in users])
         await asyncio.to_thread(first.stop, signal.SIGKILL)
         killed_at = time.time()
 
