@@ -148,6 +148,40 @@ async def test_takeover_after_the_lease_and_fencing_of_the_old_owner(
     assert (await two.stats()).depth == 1
 
 
+async def test_a_line_taken_over_goes_again_as_the_same_batch(queues: QueueFactory) -> None:
+    one = await queues(partitions=2)
+    await one.put([record(n, "alice") for n in range(3)])
+    batch = await one.claim(10, now=time.time(), lease=60, depth=100)
+    assert [item.record["message_id"] for item in batch] == ["m0", "m1", "m2"]
+    await one.put([record(n, "alice") for n in range(3, 5)])  # arrive while it is sent
+    await stall(one)
+    two = await queues(partitions=2)
+    await eventually(lambda: len(two.held) == 2, within=3 * LEASE)
+    # The same events, not the line as deep as it is now: the same X-Outbound-GUID.
+    again = await two.claim(10, now=time.time(), lease=60, depth=100)
+    assert [item.record for item in again] == [item.record for item in batch]
+    await two.ack_all([(item.id, False) for item in again])
+    rest = await two.claim(10, now=time.time(), lease=60, depth=100)
+    assert [item.record["message_id"] for item in rest] == ["m3", "m4"]
+
+
+async def test_outcomes_redis_missed_are_stored_when_it_is_back(
+    queues: QueueFactory, redis_server: RedisServer
+) -> None:
+    queue = await queues(partitions=2)
+    await queue.put([record(1), record(2)])
+    first, second = await queue.claim(10, now=time.time(), lease=60, depth=2)
+    redis_server.kill()
+    with pytest.raises(QueueUnavailable):
+        await queue.ack(first.id)
+    redis_server.start()
+    # Without another call: the lease task stores the ack (not a minute's lease later).
+    assert queue.depth == 2
+    await eventually(lambda: queue.depth == 1, within=5 * LEASE)
+    await queue.ack(second.id)
+    assert (await queue.stats()).depth == 0
+
+
 async def test_close_lets_go_of_the_partitions_at_once(queues: QueueFactory) -> None:
     one = await queues(partitions=4, lease=30.0)
     assert len(one.held) == 4
@@ -380,8 +414,9 @@ async def test_collector_on_redis_answers_503_while_redis_is_down_and_recovers(
 
 
 async def test_two_collectors_on_one_redis_deliver_every_event_once_in_order(
-    start_collector: StartCollector, fake: FakeOutbound, redis_server: RedisServer
+    redis_server: RedisServer, start_collector: StartCollector, fake: FakeOutbound
 ) -> None:
+    # redis_server first: it is stopped after the collectors (fixtures end in reverse).
     shared = {"queue_url": Secret(redis_server.url), "redis_lease": LEASE}
     collectors = [await start_collector(**shared), await start_collector(**shared)]
     users = [f"user{i}" for i in range(12)]

@@ -77,7 +77,11 @@ local P = ARGV[1]
 local function stream(n) return P .. ':p:' .. n end
 local function heads(n) return P .. ':p:' .. n .. ':heads' end
 local function states(n) return P .. ':p:' .. n .. ':state' end
+-- user -> 'count|last stream id' of its line's last claim, while it may be in flight
 local function leased(n) return P .. ':p:' .. n .. ':leased' end
+-- user -> the last stream id that a dead owner had claimed: the next claim of the line goes
+-- no further, so that it is the same batch, under the same X-Outbound-GUID
+local function redos(n) return P .. ':p:' .. n .. ':redo' end
 local function headof(n) return P .. ':p:' .. n .. ':headof' end
 local function line(user) return P .. ':line:' .. user end
 -- Entries' stream ids are a sequence over all partitions (INCR), so that among heads due at
@@ -91,6 +95,7 @@ local function member(id, user)
   return string.rep('0', 16 - #seq) .. seq .. ':' .. user
 end
 local function user_of(m) return string.sub(m, 18) end
+local function seq(id) return tonumber(string.match(id, '^(%d+)')) end
 local function field(fields, name)
   for i = 1, #fields, 2 do
     if fields[i] == name then return fields[i + 1] end
@@ -136,6 +141,7 @@ local function refresh(n, user)
   if not first then
     redis.call('HDEL', headof(n), user)
     redis.call('HDEL', leased(n), user)
+    redis.call('HDEL', redos(n), user)
     return
   end
   local s = state(n, first)
@@ -283,8 +289,11 @@ for i = 1, math.min(limit, #due) do
   local n, user = due[i][3], user_of(due[i][2])
   local identified = redis.call('SISMEMBER', P .. ':identified', user)
   local ids = redis.call('LRANGE', line(user), 0, deep - 1)
-  local taken = 0
+  local redo = redis.call('HGET', redos(n), user)
+  if redo then redis.call('HDEL', redos(n), user) end
+  local taken, last = 0, nil
   for _, id in ipairs(ids) do
+    if redo and seq(id) > seq(redo) then break end
     local fields = entry(n, id)
     if fields then
       local received = field(fields, 'r')
@@ -292,10 +301,10 @@ for i = 1, math.min(limit, #due) do
       s[3] = leased_until
       redis.call('HSET', states(n), id, cjson.encode(s))
       table.insert(claimed, {n, id, user, s[1], received, field(fields, 'b'), identified})
-      taken = taken + 1
+      taken, last = taken + 1, id
     end
   end
-  redis.call('HSET', leased(n), user, taken)
+  if last then redis.call('HSET', leased(n), user, taken .. '|' .. last) end
   refresh(n, user)
 end
 return claimed
@@ -408,9 +417,11 @@ if more == '1' and held < share then
       local lines = redis.call('HGETALL', leased(n))
       for j = 1, #lines, 2 do
         local user = lines[j]
-        for _, id in ipairs(redis.call('LRANGE', line(user), 0, tonumber(lines[j + 1]) - 1)) do
+        local count, last = string.match(lines[j + 1], '^(%d+)|(.+)$')
+        for _, id in ipairs(redis.call('LRANGE', line(user), 0, tonumber(count) - 1)) do
           local s = state(n, id)
           if s and s[3] > 0 then
+            redis.call('HSET', redos(n), user, last)
             interrupted = interrupted + 1
             s[3] = 0
             if s[1] == 0 then
@@ -590,6 +601,7 @@ class RedisQueue:
         self.warnings: list[str] = []  # what open() found Redis cannot promise
         self.held: dict[int, str] = {}  # partition -> our fencing token
         self._draining: set[int] = set()  # held, beyond our share: let go once settled
+        self._claiming = 0  # claims under way, whose entries are not in _leases yet
         self._share = partitions
         self._leases: dict[int, _Lease] = {}
         # Outcomes Redis did not take (it was down): stored once it answers again, rather
@@ -768,6 +780,10 @@ class RedisQueue:
                 del self._leases[event_id]  # its lease ran out: the event goes again anyway
         busy = {item.partition for item in self._leases.values()}
         settled = {n: self.held[n] for n in self._draining if n not in busy and n in self.held}
+        if self._claiming:
+            # A claim sent before these were draining may have leased entries of theirs:
+            # they are let go at a turn when no claim is under way.
+            settled = {}
         if settled:
             await self._script("release", [self._prefix, "", *self._pairs(settled)])
             for n in settled:
@@ -861,20 +877,20 @@ class RedisQueue:
         held = {n: t for n, t in self.held.items() if n not in self._draining}
         if not held or limit <= 0:
             return []
-        rows = await self._call(
-            self._script(
-                "claim",
-                [
-                    self._prefix,
-                    repr(now),
-                    repr(now + lease),
-                    limit,
-                    max(1, depth),
-                    int(self._lease * 1000 / 3),  # lease left to spare, at least
-                    *self._pairs(held),
-                ],
-            )
-        )
+        args = [
+            self._prefix,
+            repr(now),
+            repr(now + lease),
+            limit,
+            max(1, depth),
+            int(self._lease * 1000 / 3),  # lease left to spare, at least
+            *self._pairs(held),
+        ]
+        self._claiming += 1
+        try:
+            rows = await self._call(self._script("claim", args))
+        finally:
+            self._claiming -= 1
         claimed = []
         for n, stream_id, user, attempts, received_at, body, identified in rows:
             event_id = next(self._ids)
@@ -882,14 +898,9 @@ class RedisQueue:
             self._leases[event_id] = _Lease(
                 partition, held[partition], _text(stream_id), _text(user), now + lease
             )
+            record = orjson.loads(body)
             claimed.append(
-                Claimed(
-                    event_id,
-                    orjson.loads(body),
-                    int(attempts),
-                    float(received_at),
-                    bool(identified),
-                )
+                Claimed(event_id, record, int(attempts), float(received_at), bool(identified))
             )
         return claimed
 
