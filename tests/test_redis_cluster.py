@@ -49,10 +49,6 @@ def collector_env(outbound_url: str, queue_url: str) -> dict[str, str]:
         "COLLECTOR_IDENTITY_SECRET": SECRET,
         "COLLECTOR_RETRY_BASE": "0.1",
         "COLLECTOR_RETRY_CAP": "1",
-        # An outcome Redis did not take (its connection died with it) goes again after this
-        # claim lease: seconds here, as in the other tests, rather than a minute.
-        "COLLECTOR_RELAY_TIMEOUT": "2",
-        "COLLECTOR_LEASE_SECONDS": "5",
         # One client sends for everyone here: the per-client limits would refuse it.
         "COLLECTOR_RATE_LIMIT_PER_IP": "0",
         "COLLECTOR_RATE_LIMIT_PER_USER": "0",
