@@ -1,4 +1,6 @@
-"""The SQLite queue on real files: order per user, leases, retries, dead letters, group commit."""
+"""The SQLite queue on real files: durable puts, group commit, the checkpointer, the write lock,
+dedupe by the records' time. What every queue does (order, leases, outcomes, dead letters,
+limits) is in test_queue_contract.py, run against both queues."""
 
 from __future__ import annotations
 
@@ -27,86 +29,6 @@ async def queue(tmp_path: Path) -> AsyncIterator[SQLiteQueue]:
     await q.open()
     yield q
     await q.close()
-
-
-def ids(claimed: list[Any]) -> list[str]:
-    return [c.record["message_id"] for c in claimed]
-
-
-async def test_claim_hands_out_only_the_head_of_each_user(queue: SQLiteQueue) -> None:
-    await queue.put([rec("a", 1), rec("b", 1), rec("a", 2), rec("c", 1), rec("b", 2)])
-    first = await queue.claim(10, now=NOW, lease=60)
-    assert ids(first) == ["a-1", "b-1", "c-1"]
-    # Leased heads block their users; nothing else is claimable yet.
-    assert await queue.claim(10, now=NOW, lease=60) == []
-    await queue.ack(first[0].id)
-    assert ids(await queue.claim(10, now=NOW, lease=60)) == ["a-2"]
-
-
-async def test_claim_respects_the_limit_in_arrival_order(queue: SQLiteQueue) -> None:
-    await queue.put([rec(f"u{i}", 1) for i in range(5)])
-    assert ids(await queue.claim(2, now=NOW, lease=60)) == ["u0-1", "u1-1"]
-    assert ids(await queue.claim(2, now=NOW, lease=60)) == ["u2-1", "u3-1"]
-
-
-async def test_expired_lease_makes_an_event_claimable_again(queue: SQLiteQueue) -> None:
-    await queue.put([rec("a", 1)])
-    assert len(await queue.claim(1, now=NOW, lease=60)) == 1
-    assert await queue.claim(1, now=NOW + 59, lease=60) == []
-    assert ids(await queue.claim(1, now=NOW + 60, lease=60)) == ["a-1"]
-
-
-async def test_retry_delays_the_event_and_keeps_the_users_order(queue: SQLiteQueue) -> None:
-    await queue.put([rec("a", 1), rec("a", 2)])
-    [head] = await queue.claim(5, now=NOW, lease=60)
-    await queue.retry(head.id, available_at=NOW + 30, error="Outbound answered 503")
-    assert await queue.claim(5, now=NOW + 10, lease=60) == []  # a-2 must wait behind a-1
-    [again] = await queue.claim(5, now=NOW + 30, lease=60)
-    assert (again.record["message_id"], again.attempts) == ("a-1", 1)
-
-
-async def test_release_returns_a_claim_without_counting_an_attempt(queue: SQLiteQueue) -> None:
-    await queue.put([rec("a", 1)])
-    [head] = await queue.claim(1, now=NOW, lease=60)
-    await queue.release(head.id)
-    [again] = await queue.claim(1, now=NOW, lease=60)
-    assert again.attempts == 0
-
-
-async def test_dead_letter_moves_the_event_with_its_reason(queue: SQLiteQueue) -> None:
-    await queue.put([rec("a", 1), rec("a", 2)])
-    [head] = await queue.claim(5, now=NOW, lease=60)
-    await queue.dead_letter(
-        head.id, reason="Outbound answered 400", status=400, response="no", now=NOW
-    )
-    letters = await queue.dead_letters()
-    assert [(d["message_id"], d["status"], d["response"], d["attempts"]) for d in letters] == [
-        ("a-1", 400, "no", 1)
-    ]
-    assert letters[0]["record"] == rec("a", 1)
-    stats = await queue.stats()
-    assert (stats.depth, stats.dead_letters) == (1, 1)
-    assert ids(await queue.claim(5, now=NOW, lease=60)) == ["a-2"]
-
-
-async def test_events_survive_reopening_and_leases_of_the_dead_process_are_void(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "q.sqlite3"
-    first = SQLiteQueue(path)
-    await first.open()
-    await first.put([rec("a", 1), rec("b", 1)])
-    assert len(await first.claim(5, now=NOW, lease=3600)) == 2
-    await first.close()
-
-    second = SQLiteQueue(path)
-    await second.open()
-    try:
-        assert ids(await second.claim(5, now=NOW, lease=60)) == ["a-1", "b-1"]
-        stats = await second.stats()
-        assert (stats.depth, stats.oldest_received_at) == (2, NOW)
-    finally:
-        await second.close()
 
 
 async def test_put_is_on_disk_when_it_returns(queue: SQLiteQueue) -> None:
@@ -257,16 +179,6 @@ async def test_full_synchronous_mode_is_applied(tmp_path: Path) -> None:
         await q.close()
 
 
-async def test_closed_queue_refuses_work(tmp_path: Path) -> None:
-    from collector.queue import QueueUnavailable
-
-    q = SQLiteQueue(tmp_path / "q.sqlite3")
-    await q.open()
-    await q.close()
-    with pytest.raises(QueueUnavailable):
-        await q.put([rec("a", 1)])
-
-
 async def test_a_resent_message_id_is_stored_once(queue: SQLiteQueue) -> None:
     assert await queue.put([rec("a", 1), rec("a", 2)]) == 0
     assert await queue.put([rec("a", 2), rec("a", 3)]) == 1
@@ -288,57 +200,3 @@ async def test_dedupe_forgets_after_its_window(tmp_path: Path) -> None:
         assert await q.put([{**rec("a", 1), "received_at": NOW + 102}]) == 0
     finally:
         await q.close()
-
-
-async def test_dedupe_can_be_turned_off(tmp_path: Path) -> None:
-    q = SQLiteQueue(tmp_path / "q.sqlite3", dedupe_window=0)
-    await q.open()
-    try:
-        assert await q.put([rec("a", 1), rec("a", 1)]) == 0
-        assert (await q.stats()).depth == 2
-    finally:
-        await q.close()
-
-
-async def test_bounds_refuse_a_put_whole_and_free_up_on_ack(tmp_path: Path) -> None:
-    from collector.queue import QueueFull
-
-    q = SQLiteQueue(tmp_path / "q.sqlite3", max_events=3, max_bytes=100_000)  # on disk
-    await q.open()
-    try:
-        await q.put([rec("a", 1), rec("b", 1)])
-        with pytest.raises(QueueFull):
-            await q.put([rec("c", 1), rec("d", 1)])  # would make 4: none of them is stored
-        assert (await q.stats()).depth == 2
-        big = {**rec("e", 1), "blob": "x" * 100_000}
-        with pytest.raises(QueueFull):
-            await q.put([big])  # over the bytes bound
-        [first, _] = await q.claim(5, now=NOW, lease=60)
-        await q.ack(first.id)
-        await q.put([rec("c", 1), rec("d", 1)])
-        assert (q.depth, (await q.stats()).depth) == (3, 3)
-    finally:
-        await q.close()
-
-
-async def test_a_replay_by_another_process_is_counted_by_the_serving_queue(
-    queue: SQLiteQueue,
-) -> None:
-    from collector.queue import DeadLetterFilter
-
-    await queue.put([rec("a", 1), rec("b", 1)])
-    [first, _] = await queue.claim(5, now=NOW, lease=60)
-    await queue.dead_letter(
-        first.id, reason="Outbound answered 400", status=400, response="", now=NOW
-    )
-    assert (await queue.stats()).depth == 1
-
-    tool = SQLiteQueue(queue.path, owner=False)  # what `dead-letters replay` opens
-    await tool.open()
-    try:
-        assert await tool.replay_dead_letters(DeadLetterFilter()) == 1
-    finally:
-        await tool.close()
-    stats = await queue.stats()
-    assert (stats.depth, stats.dead_letters) == (2, 0)
-    assert queue.depth == 2

@@ -343,6 +343,11 @@ async def test_reopening_counts_the_events_it_found_in_flight(store: Store) -> N
     await queue.claim(5, now=NOW, lease=3600, depth=3)
     queue = await store.reopen(queue)
     assert queue.interrupted == 4  # a-0, a-1, a-2, b-1 (the app says so at start)
+    # Those leases are void, not only the heads': a-1 goes right after a-0.
+    a0, b1 = await queue.claim(5, now=NOW, lease=60)
+    assert ids([a0, b1]) == ["a-0", "b-1"]
+    await queue.ack(a0.id)
+    assert await claim(queue) == ["a-1"]
 
 
 async def test_a_closed_queue_refuses_a_put(store: Store) -> None:
@@ -734,6 +739,13 @@ async def test_a_user_in_backoff_costs_the_others_nothing(store: Store) -> None:
     beside_claimed, beside_cost = await store.cost(beside, beside.claim(16, now=NOW + 1, lease=60))
     assert ids(beside_claimed) == ids(alone_claimed) == [f"light{i}-0" for i in range(10)]
     assert beside_cost <= alone_cost * 1.2, (alone_cost, beside_cost)
+    for item in beside_claimed:
+        await beside.ack(item.id)
+    # Its time come, the heavy user's head goes again, and its line after it.
+    [again] = await beside.claim(16, now=NOW + 3600, lease=60)
+    assert (again.record["message_id"], again.attempts) == ("heavy-0", 1)
+    await beside.ack(again.id)
+    assert await claim(beside, NOW + 3600) == ["heavy-1"]
 
 
 async def test_outcomes_cost_the_same_with_a_hundred_times_the_backlog(store: Store) -> None:
