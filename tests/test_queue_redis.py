@@ -182,6 +182,16 @@ async def test_outcomes_redis_missed_are_stored_when_it_is_back(
     assert (await queue.stats()).depth == 0
 
 
+async def test_the_partition_count_recorded_first_wins(queues: QueueFactory) -> None:
+    first = await queues(partitions=4)
+    assert (first.partitions, first.warnings) == (4, [])
+    later = await queues(partitions=8)  # a collector configured otherwise, later
+    assert later.partitions == 4
+    (warning,) = later.warnings
+    assert "redis_partitions is 8 but the queue" in warning
+    assert "made with 4 partitions, which it keeps" in warning
+
+
 async def test_close_lets_go_of_the_partitions_at_once(queues: QueueFactory) -> None:
     one = await queues(partitions=4, lease=30.0)
     assert len(one.held) == 4
