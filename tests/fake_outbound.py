@@ -63,6 +63,7 @@ class FakeOutbound:
     refuse: Callable[[dict[str, Any]], bool] | None = None
     batches: bool = True  # False: the batch endpoints answer 404, as an Outbound without them
     _server: TestServer | None = None
+    _taking: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def fail_next(self, *faults: Fault) -> None:
@@ -132,6 +133,19 @@ class FakeOutbound:
         status = fault.status if fault else 200
         self.attempts.append((f"{endpoint}/batch" if batch else endpoint, time.time(), status))
         self._changed.set()
+        if fault is not None and fault.hold is not None:
+            # Outbound takes a call it has whole whether or not its caller is still there;
+            # aiohttp would cancel this handler when the connection is lost meanwhile.
+            await request.read()
+            taking = asyncio.create_task(self._answer(request, endpoint, batch, fault))
+            self._taking.add(taking)
+            taking.add_done_callback(self._taking.discard)
+            return await asyncio.shield(taking)
+        return await self._answer(request, endpoint, batch, fault)
+
+    async def _answer(
+        self, request: web.Request, endpoint: str, batch: bool, fault: Fault | None
+    ) -> web.StreamResponse:
         if fault is not None and fault.hold is not None:
             await fault.hold.wait()
         if self.latency:
