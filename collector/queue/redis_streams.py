@@ -113,19 +113,33 @@ local function state(n, id)
   if raw then return cjson.decode(raw) end
   return nil
 end
+-- Counters change by the script's total, once, when it ends (flush_counts).
+local TALLIES = {'events', 'bytes', 'browser_events', 'browser_bytes'}
+local tally = {events = 0, bytes = 0, browser_events = 0, browser_bytes = 0}
+local by_client = {}
 local function counts(events, size, client)
-  redis.call('HINCRBY', P .. ':counts', 'events', events)
-  redis.call('HINCRBY', P .. ':counts', 'bytes', size)
+  tally.events, tally.bytes = tally.events + events, tally.bytes + size
   if client ~= '' then
-    redis.call('HINCRBY', P .. ':counts', 'browser_events', events)
-    redis.call('HINCRBY', P .. ':counts', 'browser_bytes', size)
-    local left = redis.call('HINCRBY', P .. ':client_events', client, events)
-    redis.call('HINCRBY', P .. ':client_bytes', client, size)
+    tally.browser_events = tally.browser_events + events
+    tally.browser_bytes = tally.browser_bytes + size
+    local held = by_client[client] or {0, 0}
+    by_client[client] = {held[1] + events, held[2] + size}
+  end
+end
+local function flush_counts()
+  for _, name in ipairs(TALLIES) do
+    if tally[name] ~= 0 then redis.call('HINCRBY', P .. ':counts', name, tally[name]) end
+    tally[name] = 0
+  end
+  for client, change in pairs(by_client) do
+    local left = redis.call('HINCRBY', P .. ':client_events', client, change[1])
+    redis.call('HINCRBY', P .. ':client_bytes', client, change[2])
     if left <= 0 then
       redis.call('HDEL', P .. ':client_events', client)
       redis.call('HDEL', P .. ':client_bytes', client)
     end
   end
+  by_client = {}
 end
 -- Make a user's head what its line says: its first entry, due at the later of its backoff
 -- and its lease (never tried: since it was received); no head for an empty line.
@@ -158,6 +172,20 @@ local function owns(n, token)
   return redis.call('GET', P .. ':lease:' .. n) == token
 end
 -- Delete a delivered (or dead-lettered) entry; its fields, or nil when it is gone already.
+-- Lines whose heads changed, refreshed once each when the script ends (a batch's acks
+-- change one head many times).
+local touched, touched_order = {}, {}
+local function touch(n, user)
+  local key = n .. ' ' .. user
+  if not touched[key] then
+    touched[key] = true
+    table.insert(touched_order, {n, user})
+  end
+end
+local function refresh_touched()
+  for _, line_of in ipairs(touched_order) do refresh(line_of[1], line_of[2]) end
+  touched, touched_order = {}, {}
+end
 local function remove(n, id, user)
   local fields = entry(n, id)
   if not fields then return nil end
@@ -165,10 +193,11 @@ local function remove(n, id, user)
   redis.call('LREM', line(user), 1, id)
   redis.call('HDEL', states(n), id)
   counts(-1, -tonumber(field(fields, 's')), field(fields, 'c'))
-  refresh(n, user)
+  touch(n, user)
   return fields
 end
 local function depth()
+  flush_counts()
   return tonumber(redis.call('HGET', P .. ':counts', 'events')) or 0
 end
 -- Dead letters past their retention (failed before `cutoff`, '' for none) and beyond `most`.
@@ -350,7 +379,7 @@ for i = 5, #ARGV, 8 do
       else
         redis.call('HSET', states(n), id, cjson.encode(s))
       end
-      refresh(n, user)
+      touch(n, user)
     end
   elseif kind == 'dead' then
     local s = state(n, id)
@@ -370,6 +399,7 @@ for i = 5, #ARGV, 8 do
   end
   table.insert(results, result)
 end
+refresh_touched()
 local dropped = {0, 0}
 if died or ARGV[2] ~= '' then dropped = retain(ARGV[2], tonumber(ARGV[3])) end
 local answer = {depth(), dropped[1], dropped[2]}
@@ -498,6 +528,7 @@ for i = 2, #ARGV, 2 do
     moved = moved + 1
   end
 end
+flush_counts()
 return moved
 """
 )
