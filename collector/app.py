@@ -12,7 +12,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__, cors, debug, ingest
-from .config import Settings
+from .config import Secret, Settings
 from .identity import bearer_token, ids_key, token_matches
 from .keys import (
     DEBUG_HUB,
@@ -33,7 +33,7 @@ from .logs import Repeats, counted, request_ids
 from .metrics import Metrics
 from .outbound import DryRunOutbound, HttpOutbound, Outbound
 from .queue import QUEUE_FILE as QUEUE_FILE  # where it always was, for tests and tools
-from .queue import QueueUnavailable, open_queue
+from .queue import QueueRefused, QueueUnavailable, RedisQueue, open_queue
 from .relay import Relay
 from .schema import EventValidator, Shape, load_event_schemas
 from .script import Script, static_file
@@ -48,6 +48,14 @@ async def ids_key_context(app: web.Application) -> AsyncIterator[None]:
 
 async def queue_context(app: web.Application) -> AsyncIterator[None]:
     queue = await open_queue(app[SETTINGS], on_dropped=app[METRICS].dead_letters_dropped.inc)
+    if isinstance(queue, RedisQueue):
+        # Collectors sharing a queue must derive the same ids (a browser's dedupe scope, a
+        # server token's GUIDs), whichever of them an event comes through: one key, in Redis.
+        try:
+            app[IDS_KEY] = Secret(await queue.shared_secret("ids"))
+        except QueueUnavailable as error:
+            await queue.close()
+            raise QueueRefused(str(error)) from None
     if queue.interrupted:
         log.warning(
             "%s being sent when the collector last stopped; they go again, "

@@ -447,6 +447,24 @@ async def test_two_collectors_on_one_redis_deliver_every_event_once_in_order(
     await eventually(lambda: all(held) and not set(held[0]) & set(held[1]), within=5 * LEASE)
 
 
+async def test_collectors_on_one_redis_derive_the_same_ids(
+    redis_server: RedisServer, start_collector: StartCollector, fake: FakeOutbound, tmp_path: Path
+) -> None:
+    # Each with a data directory of its own, as on two machines.
+    collectors = [
+        await start_collector(queue_url=Secret(redis_server.url), data_dir=tmp_path / name)
+        for name in ("one", "two")
+    ]
+    event = {"event": "signup", "anonymous_id": "a1", "message_id": "0f0e-resent"}
+    status, first, _ = await collectors[0].post("/e", event)
+    assert (status, first.get("duplicates")) == (202, None)
+    # The browser resends through the other collector: the same dedupe scope, stored once.
+    status, again, _ = await collectors[1].post("/e", event)
+    assert (status, again.get("duplicates")) == (202, 1)
+    await eventually(lambda: len(fake.tracks()) >= 1)
+    assert [track.body["event"] for track in fake.tracks()] == ["signup"]
+
+
 def test_stats_and_dead_letters_commands_read_the_redis_queue(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

@@ -1042,6 +1042,13 @@ class RedisQueue:
             await self._call(pipe.execute(), stores=True)
         return self._healthy
 
+    async def shared_secret(self, name: str) -> str:
+        """A random key (64 hex digits) that every collector on this queue shares, made by
+        the first that asks: the ids a collector derives must be the same in all of them."""
+        client, key = self._client(), self._key(f"secret:{name}")
+        await self._call(client.set(key, secrets.token_hex(32), nx=True))
+        return _text(await self._call(client.get(key)))
+
     async def note(self, key: str, value: object) -> None:
         await self._call(self._client().hset(self._key("notes"), key, orjson.dumps(value)))
 
