@@ -98,6 +98,7 @@ class Tally:
     """What the posters saw: every answer's status and the events a 202 acknowledged."""
 
     acknowledged: set[Event] = field(default_factory=set)
+    refused: set[Event] = field(default_factory=set)  # answered 503
     statuses: Counter[int] = field(default_factory=Counter)
     unreachable: int = 0  # the collector was dead or died during the request
     no_retry_after: int = 0  # 503s without Retry-After
@@ -139,8 +140,9 @@ async def post_events(
                             tally.acknowledged.update((user, seq) for user in users)
                         else:
                             tally.partly_accepted += 1
-                    elif response.status == 503 and "Retry-After" not in response.headers:
-                        tally.no_retry_after += 1
+                    elif response.status == 503:
+                        tally.refused.update((user, seq) for user in users)
+                        tally.no_retry_after += "Retry-After" not in response.headers
             except aiohttp.ClientConnectionError:
                 tally.unreachable += 1
             # A TimeoutError is not caught: an answer that does not come leaves the event's
@@ -223,7 +225,8 @@ async def test_three_collectors_killed_at_random_and_redis_killed_lose_no_acknow
             print(
                 f"collector kills={KILLS} (slots {victims}) + redis kills=1; "
                 f"acknowledged={len(tally.acknowledged)} delivered={len(events)} "
-                f"(of them not acknowledged: {len(events - tally.acknowledged)}) "
+                f"(of them not acknowledged: {len(events - tally.acknowledged)}, "
+                f"answered 503: {len(events & tally.refused)}) "
                 f"arrivals={len(taken)} duplicates={len(taken) - len(events)} "
                 f"(with another GUID: {another_guid}) "
                 f"missing={len(missing)}; answers {dict(tally.statuses)}, "
