@@ -126,15 +126,18 @@ class Process:
 
 
 def start(
-    command: list[str], port: int, env: dict[str, str] | None = None, cwd: Path | None = None
+    command: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    log: Path | None = None,
 ) -> Process:
-    popen = subprocess.Popen(
-        command,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """Start a server and wait until it listens; its output goes to `log` (else nowhere)."""
+    with contextlib.ExitStack() as files:
+        output = files.enter_context(log.open("ab")) if log else subprocess.DEVNULL
+        popen = subprocess.Popen(
+            command, env={**os.environ, **(env or {})}, cwd=cwd, stdout=output, stderr=output
+        )
     wait_for_port(port)
     return Process(popen, port)
 
@@ -159,10 +162,11 @@ def start_collector(
     rung: str = "full",
     code: Path | None = None,
     queue_url: str | None = None,
+    log: Path | None = None,
 ) -> Process:
     """The collector as it ships, or one of the lower rungs of `servers.py`; `code`: the
     collector of another version (a `checkout`) instead of this one; `queue_url`: its queue
-    in Redis rather than in SQLite in `data_dir`."""
+    in Redis rather than in SQLite in `data_dir`; `log`: where its warnings and errors go."""
     port = free_port()
     env = {
         "OUTBOUND_API_KEY": "bench-key",
@@ -185,7 +189,7 @@ def start_collector(
     command += ["serve", "--port", str(port)]
     command += ["--data-dir", str(data_dir), "--schemas-dir", str(schemas)]
     command += ["--rate-limit-per-ip", "0", "--rate-limit-per-user", "0", *(extra or [])]
-    return start(command, port, env, cwd=code)
+    return start(command, port, env, cwd=code, log=log)
 
 
 def checkout(ref: str, work: Path) -> Path | None:
@@ -864,8 +868,12 @@ def quiet_collector(
     work: Path, schemas: Path, outbound_port: int, queue_url: str | None = None
 ) -> Process:
     """A collector for ingest alone (its relay's circuit open and quiet), on SQLite in a
-    data directory of its own or on the Redis at `queue_url`."""
-    data_dir = Path(tempfile.mkdtemp(dir=work))
+    data directory of its own, or on the Redis at `queue_url` with the data directory of
+    the others on it (`ids.key`, as deploy/outbound-collector@.service runs them)."""
+    if queue_url is None:
+        data_dir = Path(tempfile.mkdtemp(dir=work))
+    else:
+        data_dir = work / f"data-{queue_url.rsplit(':', 1)[1].replace('/', '-')}"
     return start_collector(data_dir, schemas, outbound_port, QUIET_RELAY, queue_url=queue_url)
 
 
@@ -1000,29 +1008,35 @@ def drain_shared(
     outbound = start_outbound(delay)
     options = ["--relay-concurrency", str(concurrency)]
     # A fill holds the first calls unanswered for seconds: they must not time out.
-    options += ["--relay-timeout", "60", "--lease-seconds", "150"]
-    data_dirs = [Path(tempfile.mkdtemp(dir=work)) for _ in range(relays)]
+    options += ["--relay-timeout", "30", "--lease-seconds", "61"]
+    # One data directory for all, as deploy/outbound-collector@.service runs them (ids.key).
+    data_dir = Path(tempfile.mkdtemp(dir=work))
+    logs = [Path(tempfile.mkstemp(".log", "collector-", dir=work)[1]) for _ in range(relays)]
     server = start_redis(work) if redis else None
     collectors: list[Process] = []
     memory_per_event = None
     try:
         if server is None:
-            prefill(data_dirs[0], events, users)
-            collectors.append(start_collector(data_dirs[0], schemas, outbound.port, options))
+            prefill(data_dir, events, users)
+            collectors.append(
+                start_collector(data_dir, schemas, outbound.port, options, log=logs[0])
+            )
             setup = Setup("SQLite", collectors)
             split_before = [process.cpu_seconds() for process in collectors]
             cpu_before, started = setup.cpu(), time.time()
         else:
-            for data_dir in data_dirs:
+            for log in logs:
                 collectors.append(
-                    start_collector(data_dir, schemas, outbound.port, options, queue_url=server.url)
+                    start_collector(
+                        data_dir, schemas, outbound.port, options, queue_url=server.url, log=log
+                    )
                 )
             wait_balanced(server, collectors)
             setup = Setup("Redis", collectors, redis_process(server))
             with server.client() as client:
                 used_before = int(client.info("memory")["used_memory"])
                 outbound_call(outbound.port, "/hold", b"")
-                prefill(data_dirs[0], events, users, queue_url=server.url)
+                prefill(data_dir, events, users, queue_url=server.url)
                 memory_per_event = (
                     int(client.info("memory")["used_memory"]) - used_before
                 ) / events
@@ -1051,6 +1065,9 @@ def drain_shared(
         "cpu_split": [cpu / max(1e-9, sum(split)) for cpu in split],
         "redis_bytes_per_event": memory_per_event,
         "elapsed": last - started,
+        # Lines like "could not record the outcome ...; it goes again after its lease": a
+        # drain that stalls for a lease says why.
+        "errors": sum(log.read_text(errors="replace").count(" ERROR ") for log in logs),
     }
 
 
@@ -1132,7 +1149,9 @@ def shared_table(shared: Shared) -> str:
         "at relay concurrency 64 a process; the pace is taken between 20 % and 90 % of the "
         "events delivered. SQLite's collector starts on the prefilled file; Redis's start on "
         "the empty queue, wait until the 16 partitions are spread over them (8 each for two), "
-        "and the fake Outbound holds their calls while the queue is filled.",
+        "and the fake Outbound holds their calls while the queue is filled (relay_timeout 30 "
+        "and lease_seconds 61 for that). Errors logged: the collectors' ERROR lines, such as "
+        "an outcome Redis did not record in time, whose events then wait out their lease.",
         "",
         "| ingest | queue | collectors | req/s | events/s | ratio to SQLite (per turn) "
         "| p50 / p99 (ms) | non-2xx | collector CPU µs / event | Redis CPU µs / event |",
@@ -1153,8 +1172,9 @@ def shared_table(shared: Shared) -> str:
     out += [
         "",
         "| relay | queue | relays | events/s | limit (relays × 64 ÷ latency) "
-        "| collector CPU µs / event | CPU split over relays | Redis CPU µs / event |",
-        "|---|---|---|---|---|---|---|---|",
+        "| collector CPU µs / event | CPU split over relays | Redis CPU µs / event "
+        "| errors logged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for drain in shared.relay:
         when = "at once" if not drain["delay"] else f"after {drain['delay'] * 1000:.0f} ms"
@@ -1164,7 +1184,7 @@ def shared_table(shared: Shared) -> str:
         out.append(
             f"| drain {drain['events']:,} events, Outbound answers {when} | {drain['setup']} | "
             f"{drain['relays']} | {drain['events_per_second']:,.0f} | {limit} | "
-            f"{drain['collector_cpu_us']:.0f} | {split} | {redis_cpu} |"
+            f"{drain['collector_cpu_us']:.0f} | {split} | {redis_cpu} | {drain['errors']} |"
         )
     if memory:
         out += ["", memory]
