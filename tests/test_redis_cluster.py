@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import signal
 import time
 from collections import Counter, defaultdict
@@ -22,8 +21,6 @@ from conftest import eventually
 from fake_outbound import KEY, FakeOutbound, Fault, Received
 from redis_server import RedisServer
 from serve_process import ServeProcess
-
-from collector.identity import IDS_KEY_FILE
 
 TOKEN = "cluster-server-token-5b1f9e2a"
 SECRET = "cluster-identity-secret-0f3c8d1e7a4b6925"
@@ -57,9 +54,9 @@ def collector_env(outbound_url: str, queue_url: str) -> dict[str, str]:
 
 @dataclass
 class Cluster:
-    """Collector processes on one queue. Each start has a fresh data_dir (no disk state counts,
-    as on a machine that lost its disk) holding a copy of the first one's ids.key, which every
-    collector of a cluster shares (it keys dedupe scopes and GUIDs; see deploy/)."""
+    """Collector processes on one queue, each start with a fresh data_dir: nothing on a
+    collector's disk counts (the key of ids is shared in Redis too), as on a machine that
+    lost its disk."""
 
     directory: Path
     env: dict[str, str]
@@ -68,9 +65,6 @@ class Cluster:
     def start(self, env: dict[str, str] | None = None) -> ServeProcess:
         n = len(self.processes)
         data_dir = self.directory / f"data{n}"
-        if n:
-            data_dir.mkdir()
-            shutil.copy2(self.directory / "data0" / IDS_KEY_FILE, data_dir / IDS_KEY_FILE)
         process = ServeProcess(
             ["--data-dir", str(data_dir)],
             env={**self.env, **(env or {})},
