@@ -1040,11 +1040,13 @@ def drain_shared(
                 memory_per_event = (
                     int(client.info("memory")["used_memory"]) - used_before
                 ) / events
+                client.config_resetstat()  # commandstats from here: the drain's alone
             split_before = [process.cpu_seconds() for process in collectors]
             cpu_before, started = setup.cpu(), time.time()
             outbound_call(outbound.port, "/release", b"")
         rate, last = paced(outbound, events, started)
         cpu_after = setup.cpu()
+        commands = redis_commands(server, events) if server else {}
         split = [p.cpu_seconds() - b for p, b in zip(collectors, split_before, strict=True)]
     finally:
         for process in collectors:
@@ -1068,7 +1070,20 @@ def drain_shared(
         # Lines like "could not record the outcome ...; it goes again after its lease": a
         # drain that stalls for a lease says why.
         "errors": sum(log.read_text(errors="replace").count(" ERROR ") for log in logs),
+        "redis_commands": commands,
     }
+
+
+def redis_commands(server: RedisServer, events: int) -> dict[str, float]:
+    """Redis's time per event by command since its statistics were reset (INFO
+    commandstats), most first: `evalsha` is the scripts in all, the others what they ran."""
+    with server.client() as client:
+        stats = client.info("commandstats")
+    spent = {
+        name.removeprefix("cmdstat_"): int(figures["usec"]) / events
+        for name, figures in stats.items()
+    }
+    return dict(sorted(spent.items(), key=lambda item: -item[1]))
 
 
 def measure_shared_relay(work: Path, schemas: Path, smoke: bool) -> list[dict[str, Any]]:
@@ -1188,6 +1203,17 @@ def shared_table(shared: Shared) -> str:
         )
     if memory:
         out += ["", memory]
+    profiled = next((drain for drain in shared.relay if drain["redis_commands"]), None)
+    if profiled:
+        spent = list(profiled["redis_commands"].items())
+        out += [
+            "",
+            f"Where Redis's time went in the drain by {profiled['relays']} relay "
+            f"(Outbound {'at once' if not profiled['delay'] else 'at 50 ms'}), µs per event "
+            "relayed (INFO commandstats; the scripts in all, then the commands they ran): "
+            + ", ".join(f"{name} {usec:.1f}" for name, usec in spent[:8])
+            + ".",
+        ]
     return "\n".join(out)
 
 
