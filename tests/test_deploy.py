@@ -348,8 +348,8 @@ def test_template_unit_with_its_environment_file_checks_clean(
     assert not any("QUEUE_URL" in value for name, value in directives if name == "Environment")
     files = [value for name, value in directives if name == "EnvironmentFile"]
     assert files == ["/etc/outbound-collector/env", "-/etc/outbound-collector/%i.env"]
-    assert env["COLLECTOR_DATA_DIR"] == "/var/lib/outbound-collector"  # the StateDirectory
-    env["COLLECTOR_DATA_DIR"] = str(tmp_path / "data")
+    assert env["COLLECTOR_DATA_DIR"] == f"/var/lib/outbound-collector/{port}"  # StateDirectory
+    env["COLLECTOR_DATA_DIR"] = str(tmp_path / "data" / port)
     env["COLLECTOR_QUEUE_URL"] = documented_redis.collector_url
     command = shlex.split(dict(directives)["ExecStart"].replace("%i", port))
     assert command[0].endswith("/bin/outbound-collector")
@@ -379,9 +379,9 @@ async def metric(base_url: str, name: str) -> float:
 async def test_two_collectors_behind_nginx_share_the_documented_redis(
     documented_redis: DocumentedRedis, fake: FakeOutbound, tmp_path: Path
 ) -> None:
-    """deploy/nginx-collectors.conf in front of two collectors on one Redis, in one data
-    directory as the template unit runs them: requests go to both, the visitor's address is
-    the one nginx saw, a browser's resend through the other collector is a duplicate, and
+    """deploy/nginx-collectors.conf in front of two collectors on one Redis, in their data
+    directories as the template unit runs them: requests go to both, the visitor's address
+    is the one nginx saw, a browser's resend through the other collector is a duplicate, and
     with one collector stopped the other takes every request and relays everything."""
     port = free_port()
     unit = dict(
@@ -434,7 +434,7 @@ async def test_two_collectors_behind_nginx_share_the_documented_redis(
             assert min(accepted) > 0, accepted
             # A browser sends an event again (its beacon's answer was lost) and reaches the
             # other collector, which knows the event: both derive its dedupe key with the
-            # data directory's ids.key.
+            # same key, kept in Redis.
             resent = {**SEED_EVENT, "event": "resent", "message_id": "m-resent-0001"}
             answers = [await visitor_answer(f"{c.base_url}/e", resent, origin) for c in collectors]
             assert [answer.get("duplicates", 0) for answer in answers] == [0, 1]
