@@ -867,13 +867,9 @@ class Setup:
 def quiet_collector(
     work: Path, schemas: Path, outbound_port: int, queue_url: str | None = None
 ) -> Process:
-    """A collector for ingest alone (its relay's circuit open and quiet), on SQLite in a
-    data directory of its own, or on the Redis at `queue_url` with the data directory of
-    the others on it (`ids.key`, as deploy/outbound-collector@.service runs them)."""
-    if queue_url is None:
-        data_dir = Path(tempfile.mkdtemp(dir=work))
-    else:
-        data_dir = work / f"data-{queue_url.rsplit(':', 1)[1].replace('/', '-')}"
+    """A collector for ingest alone (its relay's circuit open and quiet), in a data
+    directory of its own, its queue there (SQLite) or on the Redis at `queue_url`."""
+    data_dir = Path(tempfile.mkdtemp(dir=work))
     return start_collector(data_dir, schemas, outbound_port, QUIET_RELAY, queue_url=queue_url)
 
 
@@ -1009,8 +1005,7 @@ def drain_shared(
     options = ["--relay-concurrency", str(concurrency)]
     # A fill holds the first calls unanswered for seconds: they must not time out.
     options += ["--relay-timeout", "30", "--lease-seconds", "61"]
-    # One data directory for all, as deploy/outbound-collector@.service runs them (ids.key).
-    data_dir = Path(tempfile.mkdtemp(dir=work))
+    data_dir = Path(tempfile.mkdtemp(dir=work))  # with Redis, the collectors share nothing there
     logs = [Path(tempfile.mkstemp(".log", "collector-", dir=work)[1]) for _ in range(relays)]
     server = start_redis(work) if redis else None
     collectors: list[Process] = []
