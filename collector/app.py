@@ -11,7 +11,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import __version__, cors, debug, ingest
+from . import __version__, cors, debug, ingest, sdk_config
 from .config import Secret, Settings
 from .identity import bearer_token, ids_key, token_matches
 from .keys import (
@@ -229,6 +229,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(ids_key_context)
     app.cleanup_ctx.append(queue_context)
     app.cleanup_ctx.append(relay_context)
+    app.cleanup_ctx.append(sdk_config.sdk_config_context)
 
     app.router.add_get(settings.script_path, get_script)
     app.router.add_get("/", get_root)
@@ -258,6 +259,8 @@ def create_app(settings: Settings) -> web.Application:
     }
     for path, handler in server_posts.items():
         app.router.add_post(path, handler)
+    # The mobile SDKs' config (Android 0.4.0 sends nothing until it has one): server-only too.
+    app.router.add_get(sdk_config.PATH, sdk_config.get_sdk_config)
     app.on_response_prepare.append(_common_headers)
     return app
 

@@ -338,6 +338,28 @@ class HttpOutbound:
             message = " ".join(str(error).split()).replace(self._key.reveal(), "[key]")
             return Answer(None, f"{type(error).__name__}: {message}")
 
+    async def get(self, endpoint: str, *, limit: int) -> tuple[int, bytes] | str:
+        """GET the endpoint with the key: its status and body, or why there is none (no
+        answer within the timeout, a body over `limit` bytes); never raises for that."""
+        session = self._session or self._open()
+        try:
+            # Not through _url's memo: the paths asked for here vary (an SDK's version in it).
+            async with session.get(
+                URL(self._base_url + endpoint), proxy_headers=self._proxy_headers
+            ) as response:
+                body = bytearray()
+                while len(body) <= limit:
+                    chunk = await response.content.read(limit + 1 - len(body))
+                    if not chunk:
+                        return response.status, bytes(body)
+                    body += chunk
+                return f"the answer is over {limit} bytes"
+        except TimeoutError:
+            return f"no answer within {self._timeout:g} s"
+        except (aiohttp.ClientError, OSError) as error:
+            message = " ".join(str(error).split()).replace(self._key.reveal(), "[key]")
+            return f"{type(error).__name__}: {message}"
+
     async def close(self) -> None:
         """Close the session and its connections."""
         if self._session is not None:

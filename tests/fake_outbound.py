@@ -62,6 +62,18 @@ class FakeOutbound:
     # a 400, and so is a batch holding it: Outbound takes a batch whole or not at all.
     refuse: Callable[[dict[str, Any]], bool] | None = None
     batches: bool = True  # False: the batch endpoints answer 404, as an Outbound without them
+    # The mobile SDKs' GET /i/config/sdk/<platform>/<version>: the account's config (its
+    # shape as ConnectTestApp's config_enabled_response.json, with iOS's prompt settings),
+    # the fault to answer instead, and each call's path and headers.
+    config: dict[str, Any] = field(
+        default_factory=lambda: {
+            "enabled": True,
+            "account": {"prompt": True, "prompt_event": "checkedOut"},
+            "sdk": {},
+        }
+    )
+    config_fault: Fault | None = None
+    config_calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     _server: TestServer | None = None
     _taking: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -83,6 +95,7 @@ class FakeOutbound:
             self._handle,
         )
         app.router.add_post("/v2/{endpoint:track|identify}/batch", self._handle)
+        app.router.add_get("/i/config/sdk/{platform}/{version}", self._config)
         self._server = TestServer(app, host="127.0.0.1", port=port)
         await self._server.start_server(ssl=self.tls)
 
@@ -116,6 +129,18 @@ class FakeOutbound:
             except TimeoutError:
                 continue
         return list(self.received)
+
+    async def _config(self, request: web.Request) -> web.StreamResponse:
+        self.config_calls.append((request.path, dict(request.headers)))
+        self._changed.set()
+        fault = self.config_fault
+        if fault is not None and fault.hold is not None:
+            await fault.hold.wait()
+        if request.headers.get("X-Outbound-Key") != self.key:
+            return web.Response(status=401, text="invalid api key")
+        if fault is not None:
+            return web.Response(status=fault.status, text=fault.body)
+        return web.json_response(self.config)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         endpoint = request.match_info["endpoint"]

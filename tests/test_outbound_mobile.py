@@ -24,6 +24,7 @@ environment's private API key"): here that is a server token, see README "Outbou
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -32,6 +33,7 @@ import pytest
 from conftest import Collector, StartCollector
 from fake_outbound import FakeOutbound, Fault, Received
 
+from collector import sdk_config
 from collector.config import Secret
 
 TOKEN = "server-token-for-the-mobile-apps-0123456789"
@@ -440,6 +442,178 @@ async def test_a_call_sent_again_with_its_guid_is_a_resend(
     assert [r.endpoint for r in received] == ["identify", "track", "track"]
 
 
+# -- their configuration (GET /i/config/sdk/<platform>/<version>) -------------------------------
+
+# Android 0.4.0's config call: OutboundClient.loadConfig makes an OutboundRequest of Type.CONFIG
+# (its payload the key, which the GET leaves out: `method()` answers no method name for it and
+# OkHttp's builder stays a GET), RequestHandler.sendRequest adds the key and the client.
+ANDROID_0_4_CONFIG_HEADERS = {
+    k: v for k, v in ANDROID_0_4_HEADERS.items() if k != "Content-Type"
+} | {"Accept-Encoding": "gzip"}
+# Each SDK's config path and headers: OutboundRequest.ENDPOINT_CONFIG (Android 0.4.0),
+# OBConfig +getSdkConfigWithCompletion: (iOS 1.1.1, OBClientVersion "1.1.0"),
+# ConfigResource.swift (iOS 1.2.0), ConfigService.java's @Headers (Android 1.0.0).
+SDK_CONFIG_CALLS = [
+    ("/i/config/sdk/android/0.4.0", ANDROID_0_4_CONFIG_HEADERS),
+    ("/i/config/sdk/ios/1.1.0", {k: v for k, v in IOS_1_1_HEADERS.items() if k != "Content-Type"}),
+    ("/i/config/sdk/ios/1.2.0", IOS_1_2_HEADERS),
+    (
+        "/i/config/sdk/android/1.0.0",
+        {**ANDROID_1_0_HEADERS, "Content-Type": "application/json", "Accept": "application/json"},
+    ),
+]
+
+
+async def get_config(collector: Collector, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """The config call as an SDK makes it: a GET with its headers and a fresh GUID."""
+    assert collector.session is not None
+    headers = {**headers, "X-Outbound-GUID": str(uuid.uuid4())}
+    async with collector.session.get(collector.url(path), headers=headers) as response:
+        return response.status, await response.read()
+
+
+def android_0_4_ready(status: int, body: bytes) -> bool:
+    """Whether Android 0.4.0 sends its queue after this answer to its config call.
+
+    RequestHandler.sendQueuedRequest: only a 2xx (`isSuccessful`) reaches
+    OutboundRequest.onSuccess -> OutboundClient.setConfig, which stores the body and sets
+    the handler ready; anything else schedules the config call again (loadConfig(attempts)).
+    checkEnabled then reads `enabled` with org.json (a body it cannot parse leaves the SDK
+    on); false switches it off: `track` and `identify` return at once."""
+    if not 200 <= status < 300:
+        return False
+    try:
+        config = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return True
+    return not (isinstance(config, dict) and config.get("enabled") is False)
+
+
+async def test_android_0_4_sends_once_its_config_is_answered(
+    guarded: Collector, fake: FakeOutbound
+) -> None:
+    """Android 0.4.0 starts with its config call and sends nothing before a 2xx to it. The
+    collector asks Outbound for the same path with the relay's key (never the app's token)
+    and passes Outbound's config on, the account's prompt settings with it; then the SDK's
+    queued identify and first track reach Outbound."""
+    status, body = await get_config(guarded, *SDK_CONFIG_CALLS[0])
+    assert status == 200, body
+    assert orjson.loads(body) == fake.config
+    assert android_0_4_ready(status, body)
+    ((path, headers),) = fake.config_calls
+    assert path == "/i/config/sdk/android/0.4.0"
+    assert headers["X-Outbound-Key"] == fake.key  # the relay's key: Outbound took it
+    assert TOKEN not in str(headers)  # the app's token stays here
+    assert fake.key.encode() not in body
+    anon = "0d2b5e8a-6c4f-4a1e-9b3d-7e5f1a2c4b6d"
+    queued = [  # OutboundClient.track: ensureUser identifies the anonymous user first
+        ("/v2/identify", b'{"anon_id":"%s","timezone":"Europe/Paris"}' % anon.encode()),
+        (
+            "/v2/track",
+            b'{"anon_id":"%s","event":"openedApp","properties":{},"timestamp":1529366403}'
+            % anon.encode(),
+        ),
+    ]
+    for call_path, call in queued:
+        assert await send(guarded, ANDROID_0_4_HEADERS, call_path, call) == (202, b"")
+    identify, track = await fake.wait_for(2)
+    assert (identify.endpoint, identify.body) == (
+        "identify",
+        {"user_id": ANON + anon, "timezone": "Europe/Paris"},
+    )
+    assert (track.endpoint, track.body["event"]) == ("track", "openedApp")
+    # The next start asks again: the answer is remembered, Outbound is not asked twice.
+    assert await get_config(guarded, *SDK_CONFIG_CALLS[0]) == (200, body)
+    assert len(fake.config_calls) == 1
+
+
+@pytest.mark.parametrize(("path", "headers"), SDK_CONFIG_CALLS)
+async def test_each_sdk_gets_a_config_that_keeps_it_on(
+    guarded: Collector, fake: FakeOutbound, path: str, headers: dict[str, str]
+) -> None:
+    """What each reads: `enabled` (org.json in Android 0.4.0, OBConfig -completeWithData: in
+    iOS 1.1.1; Config.swift and Gson's Config in the Connect SDKs read it as false when
+    absent and keep the answer: a config without it switches them off), and `account` (iOS
+    1.1.1 reads it as a dictionary, iOS 1.2.0 as AccountConfig)."""
+    status, body = await get_config(guarded, path, headers)
+    config = orjson.loads(body)
+    assert (status, config["enabled"]) == (200, True)
+    assert isinstance(config["account"], dict)
+    assert [called for called, _ in fake.config_calls] == [path]
+
+
+async def test_the_config_takes_a_server_token(guarded: Collector, fake: FakeOutbound) -> None:
+    """Server-only like the /v2 calls the SDKs make with the same key: no token, or one that
+    is not a server token, is a 401, and Outbound is not asked."""
+    path = SDK_CONFIG_CALLS[0][0]
+    without = {k: v for k, v in ANDROID_0_4_CONFIG_HEADERS.items() if k != "X-Outbound-Key"}
+    status, body = await get_config(guarded, path, without)
+    assert status == 401
+    assert "takes a server token" in orjson.loads(body)["error"]
+    wrong = {**ANDROID_0_4_CONFIG_HEADERS, "X-Outbound-Key": "not-a-server-token"}
+    status, body = await get_config(guarded, path, wrong)
+    assert (status, orjson.loads(body)) == (401, {"error": "the server token is not valid"})
+    assert not android_0_4_ready(status, body)
+    assert fake.config_calls == []
+
+
+LOCAL_CONFIG = {"enabled": True, "account": {}, "sdk": {}}
+
+
+@pytest.mark.parametrize(
+    "failure", ["down", "503", "no answer", "not json", "no enabled", "an array"]
+)
+async def test_the_config_when_outbound_gives_none(
+    start_collector: StartCollector,
+    fake: FakeOutbound,
+    failure: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outbound down, failing, too slow (the app's start waits: FETCH_TIMEOUT), or answering
+    what is not a config: the collector answers one that keeps the SDK on, and remembers it
+    a while (RETRY_AFTER_FAILURE) rather than asking Outbound on every app's start."""
+    monkeypatch.setattr(sdk_config, "FETCH_TIMEOUT", 0.3)
+    guarded = await start_collector(
+        identity_secret=Secret(SECRET), server_tokens=(Secret(TOKEN),), allowed_origins=(SHOP,)
+    )
+    held = asyncio.Event()
+    if failure == "down":
+        await fake.close()
+    elif failure == "503":
+        fake.config_fault = Fault(503, body="unavailable")
+    elif failure == "no answer":
+        fake.config_fault = Fault(hold=held)
+    elif failure == "not json":
+        fake.config_fault = Fault(200, body="<html>ok</html>")
+    elif failure == "no enabled":
+        fake.config = {"account": {}}
+    else:
+        fake.config_fault = Fault(200, body='[{"enabled": true}]')
+    try:
+        for _ in range(2):
+            status, body = await get_config(guarded, *SDK_CONFIG_CALLS[0])
+            assert (status, orjson.loads(body)) == (200, LOCAL_CONFIG)
+            assert android_0_4_ready(status, body)
+    finally:
+        held.set()
+    assert len(fake.config_calls) == (0 if failure == "down" else 1)
+    (warning,) = [r for r in caplog.records if r.name == "collector.sdk_config"]
+    assert "/i/config/sdk/android/0.4.0" in warning.getMessage()
+    assert fake.key not in caplog.text
+    assert TOKEN not in caplog.text
+
+
+async def test_a_dry_run_answers_the_config_itself(
+    start_collector: StartCollector, fake: FakeOutbound
+) -> None:
+    """Without OUTBOUND_API_KEY nothing leaves the machine: the config is the local one."""
+    dry = await start_collector(outbound_api_key=None, server_tokens=(Secret(TOKEN),))
+    status, body = await get_config(dry, *SDK_CONFIG_CALLS[0])
+    assert (status, orjson.loads(body)) == (200, LOCAL_CONFIG)
+    assert fake.config_calls == []
+
+
 # -- the rules around the mobile SDKs' fields -------------------------------------------------
 
 
@@ -504,8 +678,7 @@ async def test_an_anon_id_is_an_anonymous_visitor_whoever_sends_it(
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
-        # Android 0.4.0 OutboundRequest: ENDPOINT_CONFIG, RECEIVE, OPENED, TRACKER, PAIR.
-        ("GET", "/i/config/sdk/android/0.4.0", None),
+        # Android 0.4.0 OutboundRequest: ENDPOINT_RECEIVE, OPENED, TRACKER, PAIR.
         ("POST", "/i/android/received", {"_oid": "n-1"}),
         ("POST", "/i/android/opened", {"_oid": "n-1"}),
         ("POST", "/i/android/uninstall_tracker", {"i": "n-1", "revoked": False}),
@@ -514,40 +687,28 @@ async def test_an_anon_id_is_an_anonymous_visitor_whoever_sends_it(
             "/i/testsend/push/pair/android",
             {"code": 1234, "deviceToken": "fcm-1", "deviceName": "Google Pixel"},
         ),
-        # iOS 1.1.1 OBConfig +getSdkConfigWithCompletion:, OBMainController, Outbound.m.
-        ("GET", "/i/config/sdk/ios/1.1.0", None),
+        # iOS 1.1.1 OBMainController, Outbound.m.
         ("POST", "/i/ios/permissions/requested", {"anon_id": "T", "timestamp": 1529366403}),
         ("POST", "/i/ios/permissions/granted", {"anon_id": "T", "timestamp": 1529366403}),
         ("POST", "/i/ios/received", {"_oid": "n-1", "user_id": "u", "timestamp": 1529366403}),
         ("POST", "/i/ios/opened", {"_oid": "n-1", "user_id": "u", "timestamp": 1529366403}),
         ("POST", "/i/ios/uninstall_tracker", {"i": "n-1", "user_id": "u", "timestamp": 1}),
-        # iOS 1.2.0 ConfigResource.swift and PushResource.swift; Android 1.0.0 ConfigService.
-        ("GET", "/i/config/sdk/ios/1.2.0", None),
+        # iOS 1.2.0 PushResource.swift.
         ("POST", "/i/ios/permissions/requested", {"user_id": "u"}),
-        ("GET", "/i/config/sdk/android/1.0.0", None),
     ],
 )
 async def test_outbounds_internal_calls_are_not_taken(
     guarded: Collector, fake: FakeOutbound, method: str, path: str, body: object
 ) -> None:
-    """The SDKs' /i/ calls (their configuration, push receipts, the test-send pairing) are
-    Outbound's own, not its API: the collector answers 404 and keeps nothing. Both
-    Outbound-era SDKs drop a call answered 4xx without retrying it."""
+    """The SDKs' other /i/ calls (push receipts, uninstall trackers, permission prompts, the
+    test-send pairing) are Outbound's own, not its API: the collector answers 404 and keeps
+    nothing. Both Outbound-era SDKs drop a call answered 4xx without retrying it."""
     assert guarded.session is not None
     headers = {k: v for k, v in ANDROID_0_4_HEADERS.items() if k != "Content-Type" or body}
     async with guarded.session.request(
         method, guarded.url(path), data=orjson.dumps(body) if body else None, headers=headers
     ) as response:
         assert response.status == 404
-        answer = await response.read()
     assert guarded.queue.depth == 0
     assert fake.attempts == []
-    if path.startswith("/i/config/"):
-        # iOS 1.2.0 decodes any answer to its config call that is JSON (Config.swift:
-        # `enabled` is false when absent) and stores it: a JSON object without
-        # "enabled": true there would switch the SDK off for good ("remote kill").
-        try:
-            document = orjson.loads(answer)
-        except orjson.JSONDecodeError:
-            document = None
-        assert not isinstance(document, dict) or document.get("enabled") is True
+    assert fake.config_calls == []
