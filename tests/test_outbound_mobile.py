@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import Collector, StartCollector
+from conftest import Collector, StartCollector, eventually
 from fake_outbound import FakeOutbound, Fault, Received
 
 from collector import sdk_config
@@ -555,6 +555,22 @@ async def test_the_config_takes_a_server_token(guarded: Collector, fake: FakeOut
     assert (status, orjson.loads(body)) == (401, {"error": "the server token is not valid"})
     assert not android_0_4_ready(status, body)
     assert fake.config_calls == []
+
+
+async def test_app_starts_at_once_make_one_call_to_outbound(
+    guarded: Collector, fake: FakeOutbound
+) -> None:
+    """Config calls that arrive while Outbound is being asked wait for that one answer."""
+    held = asyncio.Event()
+    fake.config_fault = Fault(200, body=orjson.dumps(fake.config).decode(), hold=held)
+    starts = [asyncio.create_task(get_config(guarded, *SDK_CONFIG_CALLS[0])) for _ in range(5)]
+    try:
+        await eventually(lambda: len(guarded.requests) == 5 and len(fake.config_calls) == 1)
+    finally:
+        held.set()
+    answers = await asyncio.gather(*starts)
+    assert [(status, orjson.loads(body)) for status, body in answers] == [(200, fake.config)] * 5
+    assert len(fake.config_calls) == 1
 
 
 LOCAL_CONFIG = {"enabled": True, "account": {}, "sdk": {}}
