@@ -577,7 +577,7 @@ LOCAL_CONFIG = {"enabled": True, "account": {}, "sdk": {}}
 
 
 @pytest.mark.parametrize(
-    "failure", ["down", "503", "no answer", "not json", "no enabled", "an array"]
+    "failure", ["down", "503", "no answer", "not json", "no enabled", "an array", "too large"]
 )
 async def test_the_config_when_outbound_gives_none(
     start_collector: StartCollector,
@@ -604,6 +604,8 @@ async def test_the_config_when_outbound_gives_none(
         fake.config_fault = Fault(200, body="<html>ok</html>")
     elif failure == "no enabled":
         fake.config = {"account": {}}
+    elif failure == "too large":  # over MAX_CONFIG_BYTES
+        fake.config = {"enabled": True, "account": {"pre_prompt": {"title": "x" * 70_000}}}
     else:
         fake.config_fault = Fault(200, body='[{"enabled": true}]')
     try:
