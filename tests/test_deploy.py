@@ -319,17 +319,35 @@ def test_the_documented_redis_keeps_events_and_lets_collectors_do_no_more(
         anonymous.ping()
 
 
-def check_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`outbound-collector check` as a unit would run it, with only `env` for settings."""
+def test_the_commands_work_as_the_documented_collector_user(
+    documented_redis: DocumentedRedis, tmp_path: Path
+) -> None:
+    env = {"COLLECTOR_QUEUE_URL": documented_redis.collector_url}
+    for command in (
+        ["stats", "--json"],
+        ["dead-letters", "list"],
+        ["dead-letters", "purge", "--all"],
+    ):
+        result = run_command(env, *command, "--data-dir", str(tmp_path))
+        assert result.returncode == 0, result.stderr
+
+
+def run_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """An `outbound-collector` command, with only `env` for settings."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("COLLECTOR_", "OUTBOUND_"))}
     return subprocess.run(
-        [sys.executable, "-m", "collector", "check", *args],
+        [sys.executable, "-m", "collector", *args],
         env={**clean, **env},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def check_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`outbound-collector check` as a unit would run it, with only `env` for settings."""
+    return run_command(env, "check", *args)
 
 
 def test_template_unit_with_its_environment_file_checks_clean(
