@@ -247,6 +247,11 @@ class Relay:
         self.endpoints = EndpointWatch()
         self._singles_until = 0.0  # batch endpoints answered 404/405: single calls till then
         self._told_singles = False
+        # Per user line, how many events its last failed call carried, while the line waits:
+        # a probe claims as deep as the largest (every event claimed costs a write), and a
+        # probe whose claim may have stopped inside such a call claims deeper the next time.
+        self._failed_calls: OrderedDict[str, int] = OrderedDict()
+        self._deep_probe = False
         self._repeats = Repeats(log)  # lines a full disk would repeat every poll
 
     @property
@@ -285,11 +290,14 @@ class Relay:
             if free > 0:
                 # A line several events deep under one lease: a user with many events
                 # goes as batches, one call at a time, in order. While the circuit is open
-                # the probe is one line (free is 1), as deep as ever: its first call is the
-                # batch that failed before, whole (see _send_line).
+                # the probe is one line (free is 1), deep enough for the call that failed
+                # before to go again whole (see _send_line).
+                depth = settings.relay_batch_size
+                if breaker.is_open and not self._deep_probe:
+                    depth = min(depth, max(self._failed_calls.values(), default=1))
                 try:
                     claimed = await self._queue.claim(
-                        free, now=now, lease=settings.lease_seconds, depth=settings.relay_batch_size
+                        free, now=now, lease=settings.lease_seconds, depth=depth
                     )
                 except QueueUnavailable as error:
                     self._repeats.log(
@@ -300,6 +308,12 @@ class Relay:
                     )
             if breaker.is_open and claimed:
                 breaker.probing(now)
+                self._deep_probe = False
+                if self._claimed_too_short(claimed, depth):
+                    self._deep_probe = True  # the next probe: this line, as deep as it goes
+                    with contextlib.suppress(QueueUnavailable):
+                        await asyncio.gather(*(self._queue.release(c.id) for c in claimed))
+                    claimed = []
             for line in lines(claimed):
                 self._calling += 1
                 task = asyncio.create_task(self._deliver(line))
@@ -311,6 +325,16 @@ class Relay:
                     timeout = min(IDLE_POLL, breaker.probe_at - now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _claimed_too_short(self, claimed: list[Claimed], depth: int) -> bool:
+        """Whether a probe's claim may have stopped inside the call its events failed in
+        (a call this process did not see fail): sent, they would form another batch."""
+        head = claimed[0]
+        if head.attempts == 0 or len(claimed) < depth or depth >= self._settings.relay_batch_size:
+            return False
+        if any(item.attempts != head.attempts for item in claimed):
+            return False
+        return self._failed_calls.get(user_key(head.record)) != len(claimed)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -356,6 +380,7 @@ class Relay:
                 )
             decision = self.endpoints.judge(decision, answer, first.record["message_id"], held=held)
             change = self._update_breaker(decision, now, answer) or change
+            self._note_call(user_key(first.record), decision, len(call.items))
             if decision.action == "ack":
                 acked += [(item.id, call.identified and not item.identified) for item in call.items]
             else:
@@ -603,6 +628,16 @@ class Relay:
             )
             return "opened"
         return None
+
+    def _note_call(self, line: str, decision: Decision, events: int) -> None:
+        """Keep how many events a line's call that failed carried, until the line goes on."""
+        if decision.action == "retry":
+            self._failed_calls[line] = events
+            self._failed_calls.move_to_end(line)
+            while len(self._failed_calls) > IDENTIFIED_MEMORY:
+                self._failed_calls.popitem(last=False)  # a line forgotten: its probe goes deep
+        elif decision.action in {"ack", "dead"}:
+            self._failed_calls.pop(line, None)
 
     def _remember(self, who: str) -> None:
         self._identified[who] = None

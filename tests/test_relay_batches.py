@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ import aiohttp
 import pytest
 from conftest import Collector, StartCollector, eventually
 from fake_outbound import KEY, FakeOutbound, Fault, Received
+from serve_process import ServeProcess
 
+from collector.config import Settings
 from collector.keys import METRICS
 from collector.queue import SQLiteQueue
 
@@ -203,6 +207,73 @@ async def test_a_batch_whose_answer_was_lost_goes_again_as_the_same_events_and_g
     assert collector.app[METRICS].value("collector_retries_total") == 5  # events
 
 
+async def test_a_batch_cut_short_by_a_crash_goes_again_as_the_same_events_and_guid(
+    start_collector: StartCollector, fake: FakeOutbound, settings: Settings, tmp_path: Path
+) -> None:
+    gate = asyncio.Event()
+    fake.fail_next(Fault(200, taken=True), Fault(200, taken=True, hold=gate))  # the 2nd held
+    env = {"OUTBOUND_API_KEY": KEY, "COLLECTOR_OUTBOUND_URL": fake.url}
+    args = ["--data-dir", str(settings.data_dir)]
+    first = await asyncio.to_thread(ServeProcess, args, env=env, log=tmp_path / "first.log")
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def post(events: list[dict[str, Any]]) -> None:
+                url = f"{first.base_url}/e"
+                async with session.post(url, json={"batch": events}) as answer:
+                    assert answer.status == 202
+
+            await post(events_of(("ana",), 5))
+            await eventually(lambda: len(fake.attempts) == 2)  # the batch is at Outbound, held
+            await post([{"event": f"ana-{i}", "user_id": "ana"} for i in range(5, 8)])
+    finally:
+        # Killed while the batch is in flight; then Outbound processes it, and nobody hears.
+        assert await asyncio.to_thread(first.stop, signal.SIGKILL) == -signal.SIGKILL
+    gate.set()
+    await fake.wait_for(1 + 5)
+
+    collector = await start_collector()  # the same data directory
+    assert collector.queue.interrupted == 5
+    await fake.wait_for(1 + 5 + 1 + 5 + 3)  # identify, batch; again; then the 3 that came
+    await drained(collector)
+    calls = calls_of(fake.tracks())
+    tried = [f"ana-{i}" for i in range(5)]
+    assert [events for _, events in calls] == [tried, tried, ["ana-5", "ana-6", "ana-7"]]
+    [before, again, after] = [guid for guid, _ in calls]
+    assert again == before
+    assert after != before
+
+
+async def test_a_probe_claims_deeper_when_it_may_have_cut_a_call_it_did_not_see_fail(
+    start_collector: StartCollector, fake: FakeOutbound, settings: Settings
+) -> None:
+    # A collector sends ana's 5 events as one batch, which fails (to be tried in an hour).
+    fake.fail_next(Fault(200, taken=True), Fault(503, retry_after="3600"))
+    before = await start_collector()
+    status, _, _ = await before.post("/e", {"batch": events_of(("ana",), 5)})
+    assert status == 202
+    await eventually(lambda: [a[0] for a in fake.attempts] == ["identify", "track/batch"])
+
+    def attempts() -> list[int]:
+        with sqlite3.connect(settings.data_dir / "queue.sqlite3") as connection:
+            return [a for (a,) in connection.execute("SELECT attempts FROM events ORDER BY id")]
+
+    await eventually(lambda: attempts() == [1] * 5)
+    await before.stop()
+    # Another process, which has not seen that call, opens its circuit on bob's failure: all
+    # is due, and its probes (one line: ana's, the oldest) go by what it saw fail (1 event).
+    fake.always = Fault(503)
+    collector = await start_collector(breaker_threshold=1)
+    status, _, _ = await collector.post("/e", {"event": "bob-0", "user_id": "bob"})
+    assert status == 202
+    await eventually(lambda: collector.relay.breaker.is_open)
+    fake.always = None
+    await fake.wait_for(1 + 1 + 5 + 2)  # identify; ana's identify and batch; bob's
+    await drained(collector)
+    calls = calls_of([r for r in fake.tracks() if r.body["user_id"] == "ana"])
+    assert [events for _, events in calls] == [[f"ana-{i}" for i in range(5)]]
+
+
 async def test_batch_size_1_makes_one_call_an_event_as_before(
     start_collector: StartCollector, fake: FakeOutbound
 ) -> None:
@@ -256,7 +327,11 @@ async def test_a_claim_leases_a_line_several_events_deep(tmp_path: Path) -> None
         assert again.interrupted == 4
         claimed = await again.claim(10, now=now, lease=60, depth=10)
         # Both heads due since the same moment: the line whose head came first goes first.
-        expected = ["b-0", "b-1", "a-1", "a-2", "a-3", "a-4"]
+        # Each goes as far as the claim before (the same batches), and no further.
+        expected = ["b-0", "b-1", "a-1", "a-2"]
         assert [c.record["message_id"] for c in claimed] == expected
+        await again.ack_all([(c.id, False) for c in claimed])
+        claimed = await again.claim(10, now=now, lease=60, depth=10)
+        assert [c.record["message_id"] for c in claimed] == ["a-3", "a-4"]
     finally:
         await again.close()

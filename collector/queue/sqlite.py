@@ -100,11 +100,15 @@ SELECT h.user_key, e.id, e.body, e.attempts, e.received_at,
 FROM heads AS h JOIN events AS e ON e.id = h.event_id
 WHERE h.due_at <= :now ORDER BY h.due_at, h.event_id LIMIT :limit
 """
-# The events behind a claimed head, in the line's order (a range of events_by_user).
+# The events behind a claimed head, in the line's order, up to an id (a range of
+# events_by_user).
 _BEHIND = (
     "SELECT id, body, attempts, received_at FROM events WHERE user_key = ? AND id > ?"
-    " ORDER BY id LIMIT ?"
+    " AND id <= ? ORDER BY id LIMIT ?"
 )
+_LAST_ID = (1 << 63) - 1
+# The last event of each line that a process which died had leased (events_leased).
+_LEASED_LINES = "SELECT user_key, MAX(id) FROM events WHERE lease_until > 0 GROUP BY user_key"
 # The head of one user's line as the events table has it (none when the line is empty).
 _HEAD_OF = (
     "INSERT INTO heads (user_key, event_id, due_at)"
@@ -387,6 +391,9 @@ class SQLiteQueue:
         self.depth = 0  # events waiting, kept by the writer thread
         self.bytes = 0
         self.interrupted = 0  # events whose delivery a previous process did not finish
+        # Per line, the last event the process before had claimed, while it is not claimed
+        # again: that claim goes no further (see _prepare).
+        self._redo: dict[str, int] = {}
         self._counted_at = 0.0  # when depth and bytes were last counted from the table
         # Dead letters, kept like depth: counted at open, then in the transactions that add
         # or remove them, and recounted when another process (`dead-letters`) changed them.
@@ -526,7 +533,11 @@ class SQLiteQueue:
             if self._owner:
                 # This process owns the file: leases held by a process that died are void.
                 # Those events may have reached Outbound already; they go again with the
-                # same GUID. A claim leases lines from their heads (events_leased).
+                # same GUID. The next claim of their line goes as far as the one before and
+                # no further, so that the relay makes the calls it had made: the same
+                # batches, under the same GUIDs, not batches joined by the events that came
+                # meanwhile. A claim leases lines from their heads (events_leased).
+                self._redo = dict(connection.execute(_LEASED_LINES).fetchall())
                 self.interrupted = connection.execute(
                     "UPDATE events SET lease_until = 0 WHERE lease_until > 0"
                 ).rowcount
@@ -963,9 +974,12 @@ class SQLiteQueue:
                     Claimed(event_id, orjson.loads(body), attempts, received_at, bool(identified))
                 )
                 if depth > 1:
+                    last = self._redo.get(user, _LAST_ID)
                     claimed.extend(
                         Claimed(i, orjson.loads(b), a, r, bool(identified))
-                        for i, b, a, r in connection.execute(_BEHIND, (user, event_id, depth - 1))
+                        for i, b, a, r in connection.execute(
+                            _BEHIND, (user, event_id, last, depth - 1)
+                        )
                     )
             connection.executemany(
                 "UPDATE events SET lease_until = ? WHERE id = ?", [(until, c.id) for c in claimed]
@@ -977,6 +991,9 @@ class SQLiteQueue:
             return claimed
 
         claimed: list[Claimed] = await self._submit(select_and_lease)
+        if self._redo:
+            for item in claimed:  # claimed again, as far as before: their leases are new
+                self._redo.pop(user_key(item.record), None)
         return claimed
 
     def _counted(self, events: int, size: int) -> None:
