@@ -200,7 +200,8 @@ local function depth()
   flush_counts()
   return tonumber(redis.call('HGET', P .. ':counts', 'events')) or 0
 end
--- Dead letters past their retention (failed before `cutoff`, '' for none) and beyond `most`.
+-- Dead letters past their retention (failed before `cutoff`, '' for none) and beyond `most`,
+-- 1000 of each at most a call, so that no script holds Redis long; the rest go next time.
 local function retain(cutoff, most)
   local expired, over = 0, 0
   local function drop(ids)
@@ -212,11 +213,14 @@ local function retain(cutoff, most)
     return #ids
   end
   if cutoff ~= '' then
-    expired = drop(redis.call('ZRANGEBYSCORE', P .. ':dl:time', '-inf', '(' .. cutoff))
+    expired = drop(redis.call('ZRANGEBYSCORE', P .. ':dl:time', '-inf', '(' .. cutoff,
+      'LIMIT', 0, 1000))
   end
   if most > 0 then
     local extra = redis.call('ZCARD', P .. ':dl:ids') - most
-    if extra > 0 then over = drop(redis.call('ZRANGE', P .. ':dl:ids', 0, extra - 1)) end
+    if extra > 0 then
+      over = drop(redis.call('ZRANGE', P .. ':dl:ids', 0, math.min(extra, 1000) - 1))
+    end
   end
   return {expired, over}
 end
