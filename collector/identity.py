@@ -136,10 +136,18 @@ def ids_key(data_dir: Path) -> Secret:
     return Secret(text)
 
 
+@functools.lru_cache(maxsize=4)
+def _keyed_blake2b(key: Secret) -> hashlib.blake2b:
+    """BLAKE2b keyed with `key` that has hashed nothing yet (there is one key a process)."""
+    return hashlib.blake2b(key=key.reveal().encode(), digest_size=16)
+
+
 def _keyed(key: Secret, purpose: str, text: str) -> bytes:
     """A 16-byte MAC of `text` for one purpose: keyed BLAKE2b, under half HMAC-SHA256's cost."""
-    data = f"{purpose}\0{text}".encode()
-    return hashlib.blake2b(data, key=key.reveal().encode(), digest_size=16).digest()
+    # A copy of the keyed state skips hashing the key's block again (a third of the cost).
+    mac = _keyed_blake2b(key).copy()
+    mac.update(f"{purpose}\0{text}".encode())
+    return mac.digest()
 
 
 def keyed_guid(key: Secret, purpose: str, text: str) -> str:
@@ -152,8 +160,16 @@ def keyed_guid(key: Secret, purpose: str, text: str) -> str:
     return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
 
 
-def stamp_ids(record: Record, *, server: bool, key: Secret, prefix: str) -> None:
-    """Give a new record the ids Outbound and the queue will know it by.
+def stamp_ids(
+    record: Record,
+    *,
+    server: bool,
+    key: Secret,
+    prefix: str,
+    scopes: dict[str, str] | None = None,
+) -> None:
+    """Give a new record the ids Outbound and the queue will know it by (`scopes`: the scope
+    digests of the visitors met so far in one request, which a batch's events share).
 
     - An anonymous id goes into its own namespace (`prefix`), so that it can never be read
       as a user's id, in an alias's previous_id neither.
@@ -174,7 +190,12 @@ def stamp_ids(record: Record, *, server: bool, key: Secret, prefix: str) -> None
     else:
         user = record.get("user_id")
         visitor = f"user\0{user}" if user is not None else f"anonymous\0{anonymous}"
-        record["dedupe_key"] = f"{message_id}#{_keyed(key, 'scope', visitor).hex()}"
+        scope = scopes.get(visitor) if scopes is not None else None
+        if scope is None:
+            scope = _keyed(key, "scope", visitor).hex()
+            if scopes is not None:
+                scopes[visitor] = scope
+        record["dedupe_key"] = f"{message_id}#{scope}"
         guid = message_id if guid_safe(message_id) else keyed_guid(key, "message", message_id)
     if guid != message_id:
         record["guid"] = guid

@@ -441,6 +441,8 @@ def judge(
 ) -> Verdicts:
     """Validate, check the sender's rights, and enrich each event; the rest say why not."""
     settings, validator = app[SETTINGS], app[VALIDATOR]
+    key, prefix = app[IDS_KEY], settings.anonymous_id_prefix
+    scopes: dict[str, str] = {}  # the visitors' scope digests, which a batch's events share
     received_at = time.time()
     verdicts = Verdicts()
     for index, event in enumerate(events):
@@ -495,7 +497,7 @@ def judge(
                 batch_sent_at=batch_sent_at,
                 tolerance=settings.clock_skew_tolerance,
             )
-            stamp_ids(record, server=server, key=app[IDS_KEY], prefix=settings.anonymous_id_prefix)
+            stamp_ids(record, server=server, key=key, prefix=prefix, scopes=scopes)
             verdicts.records.append(record)
         if watched:
             verdicts.seen.append(seen_item(event, status, problems, record, received_at))

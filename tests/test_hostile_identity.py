@@ -608,6 +608,36 @@ def test_stamp_ids() -> None:
     assert other_key["guid"] != unsafe["guid"]
 
 
+def test_derived_ids_stay_the_same_across_versions() -> None:
+    # Queued records and Outbound's dedupe hold these ids: a resend after an upgrade must
+    # get the ids its first send got. (Values from the code of ef709b2.)
+    browser, server = stamped(False), stamped(True)
+    assert browser["dedupe_key"] == "m-1#40c7af8975a85d21dfae61db8f8ecaac"
+    assert browser["identify_guid"] == "508f1049-e273-4285-8fe3-5b78308d5189"
+    assert server["guid"] == "bc5f2ae2-2a46-4176-bba7-88d2383e167b"
+    assert server["identify_guid"] == "9d93e41f-c4c3-4983-a472-de9fd886bbbb"
+    assert stamped(False, message_id=" m-1")["guid"] == "e641e06b-af4e-4b61-8c52-b0cd3ace776d"
+    assert stamped(False, user_id="u1")["dedupe_key"] == "m-1#0cdf879597be19a8c955882561c64e10"
+
+
+def test_a_request_s_scope_digests_are_each_visitor_s_own() -> None:
+    # One request's events share the digests of their visitors (`scopes`): each event still
+    # gets its own visitor's, as when stamped alone, whatever the order.
+    visitors = [("a1", {}), ("a2", {}), ("a1", {}), ("a1", {"user_id": "u1"}), ("a2", {})]
+    scopes: dict[str, str] = {}
+    batch = []
+    for n, (visitor, fields) in enumerate(visitors):
+        record = queued_before_the_prefix(message_id=f"m-{n}", anonymous_id=visitor, **fields)
+        stamp_ids(record, server=False, key=Secret("ab" * 32), prefix="anon:", scopes=scopes)
+        batch.append(record["dedupe_key"])
+    alone = [
+        stamped(False, message_id=f"m-{n}", anonymous_id=visitor, **fields)["dedupe_key"]
+        for n, (visitor, fields) in enumerate(visitors)
+    ]
+    assert batch == alone
+    assert len({key.partition("#")[2] for key in batch}) == 3
+
+
 def test_the_ids_key_is_made_once_and_private(tmp_path: Path) -> None:
     made = ids_key(tmp_path / "new")
     assert stat.S_IMODE((tmp_path / "new" / "ids.key").stat().st_mode) == 0o600
