@@ -66,6 +66,13 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
+@functools.lru_cache(maxsize=4096)
+def _address_text(text: str) -> str | None:
+    """`_address` written out, as the client's address is kept."""
+    address = _address(text)
+    return None if address is None else str(address)
+
+
 def client_ip(
     peer: str | None, forwarded_for: Sequence[str], trusted: Iterable[IPNetwork]
 ) -> str | None:
@@ -76,7 +83,12 @@ def client_ip(
     walk at the last trusted proxy.
     """
     trusted = tuple(trusted)
-    current = _address(peer) if peer else None
+    if not peer:
+        return None
+    if not forwarded_for or not trusted:
+        # No hop to walk (the common case): the peer, written out once an address.
+        return _address_text(peer)
+    current = _address(peer)
 
     def is_trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address.version == net.version and address in net for net in trusted)

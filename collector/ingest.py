@@ -88,11 +88,15 @@ class RequestError(Exception):
         self.headers = headers
 
 
+_JSON_TYPE = {"Content-Type": "application/json"}
+
+
 def json_response(
     body: object, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
+    # The header as it is rather than `content_type=`, which aiohttp parses and writes again.
     return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+        body=orjson.dumps(body), status=status, headers={**_JSON_TYPE, **(headers or {})}
     )
 
 
@@ -382,11 +386,18 @@ def is_server(request: web.Request, settings: Settings) -> bool:
             return True
         raise RequestError(401, "the server token is not valid")
     origin = request_origin(request.headers.get("Origin"), request.headers.get("Referer"))
-    if origin is not None and not origin_allowed(
-        origin, settings.allowed_origins, own_hosts(request, settings)
-    ):
+    if origin is not None and not browser_origin_allowed(origin, request, settings):
         raise RequestError(403, f"the origin {origin[:100]!r} is not allowed to send events")
     return False
+
+
+def browser_origin_allowed(origin: str, request: web.Request, settings: Settings) -> bool:
+    """`origin_allowed` for this request, working out the collector's own hosts only for an
+    origin that is not listed."""
+    allowed = settings.allowed_origins
+    return origin_allowed(origin, allowed, None) or origin_allowed(
+        origin, allowed, own_hosts(request, settings)
+    )
 
 
 def client_address(request: web.Request, settings: Settings) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
@@ -73,6 +74,7 @@ def request_cost(events: int, size: int, bytes_per_event: int) -> float:
     return max(1.0, float(events), size / bytes_per_event)
 
 
+@functools.lru_cache(maxsize=4096)  # parsed once an address, not once a request
 def ip_bucket(address: str | None, ipv6_prefix: int) -> str:
     """The bucket key of a client address: IPv4 whole, IPv6 by its first `ipv6_prefix` bits
     (one subscriber commonly holds a whole /64), without a scope id (`fe80::1%eth0`)."""

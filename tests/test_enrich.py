@@ -85,6 +85,10 @@ PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
         ("::ffff:10.0.0.2", ["198.51.100.1"], PROXIES, "198.51.100.1"),  # IPv4-mapped peer
         ("10.0.0.2", ["198.51.100.1"], (), "10.0.0.2"),  # no trusted proxies configured
         (None, ["198.51.100.1"], PROXIES, None),  # no peer (a unix socket)
+        ("", [], PROXIES, None),
+        ("not an address", [], (), None),
+        ("not an address", ["198.51.100.1"], PROXIES, None),
+        ("::ffff:203.0.113.9", [], (), "203.0.113.9"),  # IPv4-mapped, no proxy configured
     ],
 )
 def test_client_ip(
