@@ -451,7 +451,9 @@ class EventValidator:
             found = fractional_ids(event, kind)
         # The event's own schema as well, so that one answer names every problem: unless the
         # properties themselves were found wrong (not an object, too deep or too wide).
-        if not any(p.path == "/properties" or p.path.startswith("/properties/") for p in found):
+        if not found or not any(
+            p.path == "/properties" or p.path.startswith("/properties/") for p in found
+        ):
             name = self.outbound_name(event)
             properties = event.get("properties", {})
             validator = self._event_schemas.get(name) if isinstance(name, str) else None
@@ -477,19 +479,15 @@ class EventValidator:
         name = self.outbound_name(event)
         if name is None:
             return []
-        where, what = (
-            ("/type", f"{name!r} (a page view)")
-            if "event" not in event
-            else (
-                "/event",
-                repr(name),
-            )
-        )
         if name in self.server_only and not server:
-            return [Problem(where, f"{what} may only be sent with a server token")]
-        if unknown == "reject" and self._event_schemas and name not in self._event_schemas:
-            return [Problem(where, f"{what} is not a known event (no schema in schemas_dir)")]
-        return []
+            why = "may only be sent with a server token"
+        elif unknown == "reject" and self._event_schemas and name not in self._event_schemas:
+            why = "is not a known event (no schema in schemas_dir)"
+        else:
+            return []
+        if "event" not in event:
+            return [Problem("/type", f"{name!r} (a page view) {why}")]
+        return [Problem("/event", f"{name!r} {why}")]
 
 
 # Ids Outbound stores as text: 42 becomes "42", but 42.0 would become "42.0", another id.
