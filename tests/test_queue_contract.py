@@ -88,8 +88,12 @@ class Store:
     def make(self, name: str = "q", **settings: Any) -> ContractQueue:
         """A queue named `name` in this store (not opened); settings are the queues' own."""
         if self.kind == "sqlite":
+            settings.pop("partition_lease", None)  # Redis's alone
             return SQLiteQueue(self.directory / f"{name}.sqlite3", **settings)
         assert self.redis is not None
+        # A partition lease longer than any test: a loaded machine must not make a queue
+        # lose its partitions between two steps (taking over is test_queue_redis.py's).
+        settings["lease"] = settings.pop("partition_lease", 60.0)
         queue: ContractQueue = redis_queue_class()(
             self.redis.url, prefix=f"contract-{name}", **settings
         )
@@ -107,8 +111,13 @@ class Store:
         await queue.close()
 
     async def reopen(self, queue: ContractQueue, name: str = "q", **settings: Any) -> ContractQueue:
-        """Close `queue` and open its store again, as the next process does."""
+        """Close `queue` and open its store again, as the next process does. A redis-server is
+        stopped and started again in between: what the queue kept must be in its AOF. (By
+        SIGTERM: with appendfsync everysec, a SIGKILL may lose what Redis acknowledged in its
+        last second or two, as Redis documents; test_queue_redis.py kills it under `always`.)"""
         await self.close(queue)
+        if self.redis is not None:
+            self.redis.restart(kill=False)
         return await self.open(name, **settings)
 
     async def close_all(self) -> None:
@@ -348,6 +357,23 @@ async def test_reopening_counts_the_events_it_found_in_flight(store: Store) -> N
     assert ids([a0, b1]) == ["a-0", "b-1"]
     await queue.ack(a0.id)
     assert await claim(queue) == ["a-1"]
+
+
+async def test_a_claim_is_leased_by_the_callers_clock_while_the_queue_keeps_time(
+    make_queue: MakeQueue,
+) -> None:
+    # The relay's `now` is the queue's only clock for leases and backoff: a Redis queue that
+    # renews its partitions meanwhile (every lease/3 of real time) must not judge a claim's
+    # lease by its own clock.
+    queue = await make_queue(partition_lease=0.3)
+    await queue.put([rec("a", 1), rec("a", 2), rec("b", 1)])
+    a, b = await queue.claim(5, now=NOW, lease=60)
+    await asyncio.sleep(0.5)  # renewals of the partitions go on meanwhile
+    await queue.ack(a.id)
+    await queue.retry(b.id, available_at=NOW + 30, error="503")
+    assert (await queue.stats()).depth == 2
+    [again] = await queue.claim(5, now=NOW + 1, lease=60)
+    assert (again.record["message_id"], again.attempts) == ("a-2", 0)
 
 
 async def test_a_closed_queue_refuses_a_put(store: Store) -> None:

@@ -26,6 +26,7 @@ from test_queue_contract import ContractQueue, redis_queue_class
 from collector.queue import Claimed, DeadLetterFilter, SQLiteQueue
 
 LEASE = 30.0
+PARTITION_LEASE = 3600.0  # RedisQueue's, in seconds of the real clock
 
 
 @dataclass
@@ -85,7 +86,12 @@ class QueueMachine(RuleBasedStateMachine):
         """A queue on this machine's store (not opened); owner=False is a tool's."""
         if self.redis is None:
             return SQLiteQueue(self.path, dedupe_window=0, owner=owner)
-        queue: ContractQueue = redis_queue_class()(self.redis.url, dedupe_window=0, owner=owner)
+        # The partition lease is renewed by a task of the queue, which runs only while a rule
+        # runs the loop: long enough that the time between rules (hypothesis, a restart of
+        # Redis, a loaded machine) never lets it run out.
+        queue: ContractQueue = redis_queue_class()(
+            self.redis.url, dedupe_window=0, owner=owner, lease=PARTITION_LEASE
+        )
         return queue
 
     def _open(self) -> ContractQueue:
@@ -200,6 +206,11 @@ class QueueMachine(RuleBasedStateMachine):
     @rule()
     def reopen_after_crash(self) -> None:
         self.run(self.queue.close())
+        if self.redis is not None:
+            # Redis too is stopped and started: what the queue kept must be in its AOF. By
+            # SIGTERM, which writes the AOF out: with appendfsync everysec, a SIGKILL may lose
+            # what Redis acknowledged in its last second or two (its documented promise).
+            self.redis.restart(kill=False)
         self.queue = self._open()
         for event in self.model.events:
             event.lease_until = 0.0  # a new owner voids the dead process's leases
