@@ -10,6 +10,7 @@ hook below adds the last two.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import aiohttp_cors
@@ -18,7 +19,7 @@ from aiohttp.typedefs import Handler
 
 from .config import Settings
 from .ingest import origin_allowed, own_hosts
-from .keys import EVENT_PATHS, SETTINGS
+from .keys import EVENT_PATHS
 
 # What a page may read beyond the safelisted headers: when to retry after a 429 or a 503.
 EXPOSED_HEADERS = ("Retry-After",)
@@ -37,8 +38,9 @@ def add_browser_posts(
         resource = app.router.add_resource(path)
         resource.add_route("POST", handler)
         cors.add(resource, options)
-    app[EVENT_PATHS] = frozenset(routes)
-    app.on_response_prepare.append(_origin_headers)
+    app[EVENT_PATHS] = paths = frozenset(routes)
+    # Bound to what it reads, which every answer of the app would otherwise look up again.
+    app.on_response_prepare.append(functools.partial(_origin_headers, paths, settings))
 
 
 def origin_options(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions]:
@@ -57,14 +59,15 @@ def origin_options(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions
     }
 
 
-async def _origin_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`Vary: Origin` on every answer of the browser routes, and a refused origin's 403
-    readable by that page, so that its script drops the batch instead of resending it."""
-    if request.path not in request.app[EVENT_PATHS]:
+async def _origin_headers(
+    paths: frozenset[str], settings: Settings, request: web.Request, response: web.StreamResponse
+) -> None:
+    """`Vary: Origin` on every answer of the browser routes (`paths`), and a refused origin's
+    403 readable by that page, so that its script drops the batch instead of resending it."""
+    if request.path not in paths:
         return
     _vary_on_origin(response)
     origin = request.headers.get("Origin")
-    settings = request.app[SETTINGS]
     if (
         origin is not None
         and response.status == 403
