@@ -576,7 +576,9 @@ class _Lease:
     token: str  # the partition's fencing token when it was claimed
     stream_id: str
     user: str
-    until: float  # the claim's lease: past it, the entry no longer keeps its partition busy
+    # time.monotonic() when the claim's lease is over: past it, the entry no longer keeps its
+    # partition busy (the caller's `now` is its own clock, not necessarily this one)
+    until: float
 
 
 def _text(value: bytes | str | None) -> str:
@@ -808,7 +810,7 @@ class RedisQueue:
         extra = len(self.held) - self._share
         if extra > 0:
             self._draining.update(sorted(set(self.held) - self._draining, reverse=True)[:extra])
-        now = time.time()
+        now = time.monotonic()
         pending = {change[1] for changes, _ in self._unsettled for change in changes}
         for event_id, item in list(self._leases.items()):
             if item.until < now and event_id not in pending:
@@ -927,11 +929,12 @@ class RedisQueue:
         finally:
             self._claiming -= 1
         claimed = []
+        until = time.monotonic() + lease
         for n, stream_id, user, attempts, received_at, body, identified in rows:
             event_id = next(self._ids)
             partition = int(n)
             self._leases[event_id] = _Lease(
-                partition, held[partition], _text(stream_id), _text(user), now + lease
+                partition, held[partition], _text(stream_id), _text(user), until
             )
             record = orjson.loads(body)
             claimed.append(
