@@ -1204,8 +1204,9 @@ def shared_table(shared: Shared) -> str:
         out += [
             "",
             f"Where Redis's time went in the drain by {profiled['relays']} relay "
-            f"(Outbound {'at once' if not profiled['delay'] else 'at 50 ms'}), µs per event "
-            "relayed (INFO commandstats; the scripts in all, then the commands they ran): "
+            f"(Outbound {'at once' if not profiled['delay'] else 'at 50 ms'}), wall-clock µs "
+            "per event relayed (INFO commandstats, which on a busy machine include the time "
+            "Redis waited for a core; the scripts in all, then the commands they ran): "
             + ", ".join(f"{name} {usec:.1f}" for name, usec in spent[:8])
             + ".",
         ]
