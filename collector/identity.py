@@ -137,27 +137,30 @@ def ids_key(data_dir: Path) -> Secret:
 
 
 @functools.lru_cache(maxsize=4)
-def _keyed_blake2b(key: Secret) -> hashlib.blake2b:
-    """BLAKE2b keyed with `key` that has hashed nothing yet (there is one key a process)."""
-    return hashlib.blake2b(key=key.reveal().encode(), digest_size=16)
+def _keyed_blake2b(key: str) -> hashlib.blake2b:
+    """BLAKE2b keyed with `key` that has hashed nothing yet (there is one key a process;
+    cached by its text, whose hash Python keeps, rather than by the Secret)."""
+    return hashlib.blake2b(key=key.encode(), digest_size=16)
 
 
-def _keyed(key: Secret, purpose: str, text: str) -> bytes:
-    """A 16-byte MAC of `text` for one purpose: keyed BLAKE2b, under half HMAC-SHA256's cost."""
+def _mac(keyed: hashlib.blake2b, purpose: str, text: str) -> bytes:
+    """A 16-byte MAC of `text` for one purpose, from `_keyed_blake2b`: keyed BLAKE2b, under
+    half HMAC-SHA256's cost. Nobody without the key can compute it (and so send it first)."""
     # A copy of the keyed state skips hashing the key's block again (a third of the cost).
-    mac = _keyed_blake2b(key).copy()
+    mac = keyed.copy()
     mac.update(f"{purpose}\0{text}".encode())
     return mac.digest()
 
 
-def keyed_guid(key: Secret, purpose: str, text: str) -> str:
-    """A UUID derived from `text` with the server's key: the same every time, and nobody
-    without the key can compute it (and so send it first)."""
-    value = bytearray(_keyed(key, purpose, text))
-    value[6] = value[6] & 0x0F | 0x40  # the version and variant bits of a UUIDv4, set by
-    value[8] = value[8] & 0x3F | 0x80  # hand: uuid.UUID costs more than the HMAC itself
-    hex_ = value.hex()
-    return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
+# The variant digit of a UUID for each hex digit it replaces (its top two bits become 10).
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def _as_uuid4(digest: bytes) -> str:
+    """16 bytes as the text of a UUIDv4: the version and variant set by hand (uuid.UUID costs
+    more than the MAC itself, a bytearray and its bit arithmetic a quarter more than this)."""
+    hex_ = digest.hex()
+    return f"{hex_[:8]}-{hex_[8:12]}-4{hex_[13:16]}-{_VARIANT[hex_[16]]}{hex_[17:20]}-{hex_[20:]}"
 
 
 def stamp_ids(
@@ -185,22 +188,26 @@ def stamp_ids(
         record["anonymous_id"] = prefix + anonymous
         record["anonymous_prefix"] = prefix
     message_id: str = record["message_id"]
+    keyed = _keyed_blake2b(key.reveal())
     if server:
-        guid = keyed_guid(key, "server", message_id)
+        guid = _as_uuid4(_mac(keyed, "server", message_id))
     else:
         user = record.get("user_id")
         visitor = f"user\0{user}" if user is not None else f"anonymous\0{anonymous}"
         scope = scopes.get(visitor) if scopes is not None else None
         if scope is None:
-            scope = _keyed(key, "scope", visitor).hex()
+            scope = _mac(keyed, "scope", visitor).hex()
             if scopes is not None:
                 scopes[visitor] = scope
         record["dedupe_key"] = f"{message_id}#{scope}"
-        guid = message_id if guid_safe(message_id) else keyed_guid(key, "message", message_id)
+        if guid_safe(message_id):
+            guid = message_id
+        else:
+            guid = _as_uuid4(_mac(keyed, "message", message_id))
     if guid != message_id:
         record["guid"] = guid
     if record["type"] != "identify":
-        record["identify_guid"] = keyed_guid(key, "identify", guid)
+        record["identify_guid"] = _as_uuid4(_mac(keyed, "identify", guid))
 
 
 def rate_key(record: Record) -> str:

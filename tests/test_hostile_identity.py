@@ -21,7 +21,7 @@ from fake_outbound import FakeOutbound, Received
 
 from collector.cli import banner
 from collector.config import Secret, Settings, SettingsError
-from collector.identity import ids_key, rate_key, stamp_ids
+from collector.identity import _as_uuid4, ids_key, rate_key, stamp_ids
 from collector.outbound import HttpOutbound, calls_for, header_safe_guid
 
 SECRET = "identity-secret-for-hostile-tests-0123456789"
@@ -618,6 +618,12 @@ def test_derived_ids_stay_the_same_across_versions() -> None:
     assert server["identify_guid"] == "9d93e41f-c4c3-4983-a472-de9fd886bbbb"
     assert stamped(False, message_id=" m-1")["guid"] == "e641e06b-af4e-4b61-8c52-b0cd3ace776d"
     assert stamped(False, user_id="u1")["dedupe_key"] == "m-1#0cdf879597be19a8c955882561c64e10"
+
+
+def test_derived_guids_are_the_text_of_uuid4s() -> None:
+    # Version and variant are set by hand (uuid.UUID costs more than the MAC): as uuid's.
+    for digest in (bytes(16), b"\xff" * 16, *(bytes([n] * 16) for n in range(0, 256, 17))):
+        assert _as_uuid4(digest) == str(uuid.UUID(bytes=digest, version=4))
 
 
 def test_a_request_s_scope_digests_are_each_visitor_s_own() -> None:
