@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from ..config import redact_url
@@ -652,6 +653,7 @@ class RedisQueue:
         self._scripts: dict[str, AsyncScript] = {}
         self._tender: asyncio.Task[None] | None = None
         self._closing = False
+        self._stopping = asyncio.Event()
         self._refusals = Repeats(log)
         self._drops = Repeats(log)
         self._tend_errors = Repeats(log)
@@ -733,6 +735,7 @@ class RedisQueue:
     async def close(self) -> None:
         """Stop renewing, let go of the partitions held (others take them at once), disconnect."""
         self._closing = True
+        self._stopping.set()
         if self._tender is not None:
             self._tender.cancel()
             await asyncio.gather(self._tender, return_exceptions=True)
@@ -774,10 +777,22 @@ class RedisQueue:
         except (RedisError, OSError) as error:
             self._healthy = False
             self.last_error = f"{type(error).__name__}: {error}"
+            if isinstance(error, (RedisConnectionError, OSError)):
+                await self._drop_idle_connections()
             raise QueueUnavailable(f"Redis at {self.where}: {error}") from None
         if stores:
             self._healthy, self.last_error = True, None
         return result
+
+    async def _drop_idle_connections(self) -> None:
+        """Disconnect the pool's idle connections: after a lost connection (Redis restarted,
+        a proxy cut it) they are most likely dead too, and with retries off each would fail
+        one more command. Commands in flight keep theirs; the next ones connect afresh."""
+        if self._redis is None:
+            return
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self._redis.connection_pool.disconnect(inuse_connections=False)
 
     # Leases of partitions
 
@@ -829,8 +844,13 @@ class RedisQueue:
         return int(interrupted)
 
     async def _tend_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._lease / 3)
+        # Ends when close() says so, not only by its cancel: redis-py can turn a cancel that
+        # lands in a command into an error of its own, which this loop logs and goes on from.
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._lease / 3)
+            if self._stopping.is_set():
+                return
             try:
                 interrupted = await self._tend()
             except (RedisError, OSError) as error:
