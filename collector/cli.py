@@ -39,7 +39,15 @@ from .deadline import AcceptFailures, ConnectionCap, with_header_deadline
 from .debug import demo_enabled
 from .identity import user_hash
 from .logs import counted
-from .queue import QUEUE_FILE, DeadLetterFilter, QueueRefused, RedisQueue, make_queue, open_queue
+from .queue import (
+    QUEUE_FILE,
+    DeadLetterFilter,
+    QueueRefused,
+    QueueUnavailable,
+    RedisQueue,
+    make_queue,
+    open_queue,
+)
 from .schema import SchemaDirError, lint_schemas, load_event_schemas
 from .script import Script, snippet
 
@@ -474,7 +482,7 @@ def dead_letters(args: argparse.Namespace) -> int:
         )
     try:
         return asyncio.run(_dead_letters(args, settings, which))
-    except QueueRefused as error:
+    except (QueueRefused, QueueUnavailable) as error:  # Redis may refuse a command (ACL)
         return _fail(str(error))
 
 
@@ -624,7 +632,7 @@ def stats(args: argparse.Namespace) -> int:
         return _fail(str(error))
     try:
         report = asyncio.run(_stats(settings))
-    except QueueRefused as error:
+    except (QueueRefused, QueueUnavailable) as error:  # Redis may refuse a command (ACL)
         return _fail(str(error))
     if args.json:
         print(json.dumps(report, indent=2))

@@ -1,0 +1,87 @@
+"""The Redis queue when Redis misbehaves (issue 16's faults): pooled connections after a
+restart, commands refused by an ACL, and a stop while Redis does not answer. A real
+redis-server each (tests/redis_server.py), no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import RedisServer
+
+from collector import cli
+from collector.queue import QueueUnavailable, RedisQueue
+
+POOL = 8  # connections the pool holds when Redis goes away
+
+
+def record(n: int, user: str = "u1") -> dict[str, Any]:
+    """A server-token event with message id m{n}."""
+    return {
+        "type": "track",
+        "event": "e",
+        "user_id": user,
+        "message_id": f"m{n}",
+        "received_at": time.time(),
+        "source": "server",
+    }
+
+
+async def failures(puts: list[Any]) -> int:
+    """How many of these puts Redis refused (QueueUnavailable)."""
+    answers = await asyncio.gather(*puts, return_exceptions=True)
+    unexpected = [a for a in answers if isinstance(a, BaseException)]
+    assert all(isinstance(a, QueueUnavailable) for a in unexpected), unexpected
+    return len(unexpected)
+
+
+async def test_after_redis_restarts_one_put_fails_not_one_per_pooled_connection(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendfsync="always").start()
+    # A long partition lease: the lease task stays asleep and uses no connection meanwhile.
+    queue = RedisQueue(server.url, lease=60.0)
+    try:
+        await queue.open()
+        # POOL puts at once leave POOL connections idle in the pool.
+        await asyncio.gather(*(queue.put([record(n, f"u{n}")]) for n in range(POOL)))
+        server.kill()
+        server.start()  # same port: the pooled connections are to the dead process
+        refused = await failures([queue.put([record(100)])])
+        # Then as many puts at once as the pool has connections: none may be a stale one.
+        refused += await failures([queue.put([record(200 + n, f"u{n}")]) for n in range(POOL)])
+        assert refused <= 1
+        assert queue.healthy
+    finally:
+        await queue.close()
+        server.kill()
+
+
+def test_stats_and_dead_letters_say_in_one_line_when_redis_refuses_a_command(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+) -> None:
+    password = "acl-password-7d1e"
+    with redis_server.client() as client:
+        # Connecting and the queue's first reads are allowed; reading streams and running
+        # scripts are not (a tool's user with too few rights).
+        client.execute_command(
+            "ACL", "SETUSER", "reader", "on", f">{password}", "~*", "+@all", "-xrange", "-zrange"
+        )
+    monkeypatch.setenv(
+        "COLLECTOR_QUEUE_URL", f"redis://reader:{password}@127.0.0.1:{redis_server.port}/0"
+    )
+    data_dir = str(tmp_path / "no-such-dir")
+    for command in (["stats", "--json"], ["stats"], ["dead-letters", "list"]):
+        code = cli.main([*command, "--data-dir", data_dir])
+        out, err = capsys.readouterr()
+        assert code == 2, (command, out, err)
+        assert "NOPERM" in err or "permission" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
+        assert password not in out + err
