@@ -5,6 +5,8 @@ redis-server each (tests/redis_server.py), no mocks."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from redis_server import RedisServer
 
 from collector import cli
 from collector.queue import QueueUnavailable, RedisQueue
+from collector.queue.redis_streams import SOCKET_TIMEOUT
 
 POOL = 8  # connections the pool holds when Redis goes away
 
@@ -85,3 +88,21 @@ def test_stats_and_dead_letters_say_in_one_line_when_redis_refuses_a_command(
         assert len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err
         assert password not in out + err
+
+
+async def test_close_does_not_wait_on_a_stalled_redis(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    queue = RedisQueue(server.url, lease=60.0)
+    await queue.open()
+    assert queue.held
+    assert server.process is not None
+    pid = server.process.pid
+    os.kill(pid, signal.SIGSTOP)  # Redis takes connections, answers nothing
+    try:
+        # close() gives up on the release and the disconnects well within a command's
+        # timeout: a SIGTERM's stop has several such steps and a bound of its own.
+        await asyncio.wait_for(queue.close(), SOCKET_TIMEOUT)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        server.kill()
+    assert not queue.held

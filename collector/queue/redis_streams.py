@@ -61,6 +61,7 @@ PROBE_BYTES = 64 * 1024
 RETENTION_INTERVAL = 60.0  # seconds between drops of dead letters past their retention
 SOCKET_TIMEOUT = 5.0  # seconds a command may wait for Redis before it counts as unavailable
 CONNECT_TIMEOUT = 2.0
+CLOSE_TIMEOUT = 1.0  # seconds close() waits for Redis to take a release and the disconnects
 MAX_CONNECTIONS = 64  # commands beyond wait for a free connection (up to SOCKET_TIMEOUT)
 LETTER_PAGE = 1000  # dead letters read per round trip
 Progress = Callable[[int], None]
@@ -741,15 +742,23 @@ class RedisQueue:
             await asyncio.gather(self._tender, return_exceptions=True)
             self._tender = None
         if self._redis is not None and self._owner:
-            with contextlib.suppress(RedisError, OSError):
-                await self._script("release", [self._prefix, self.member, *self._pairs(self.held)])
+            # Bounded, as all of a stop: a stalled Redis must not hold the process past its
+            # stop's bound. Partitions not released are free anyway once their leases run out.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._script(
+                        "release", [self._prefix, self.member, *self._pairs(self.held)]
+                    )
             self.held.clear()
         await self._disconnect()
 
     async def _disconnect(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose(close_connection_pool=True)
-            self._redis = None
+        """Close the connections, waiting at most CLOSE_TIMEOUT for a stalled Redis."""
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await redis.aclose(close_connection_pool=True)
 
     def _key(self, name: str) -> str:
         return f"{self._prefix}:{name}"
