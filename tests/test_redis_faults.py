@@ -92,13 +92,15 @@ def test_stats_and_dead_letters_say_in_one_line_when_redis_refuses_a_command(
 
 async def test_close_does_not_wait_on_a_stalled_redis(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis").start()
-    queue = RedisQueue(server.url, lease=60.0)
+    # A short lease: the lease task renews every 0.1 s, so it is in a command when Redis stalls.
+    queue = RedisQueue(server.url, lease=0.3)
     await queue.open()
     assert queue.held
     assert server.process is not None
     pid = server.process.pid
     os.kill(pid, signal.SIGSTOP)  # Redis takes connections, answers nothing
     try:
+        await asyncio.sleep(0.3)
         # close() gives up on the release and the disconnects well within a command's
         # timeout: a SIGTERM's stop has several such steps and a bound of its own.
         await asyncio.wait_for(queue.close(), SOCKET_TIMEOUT)

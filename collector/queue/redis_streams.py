@@ -739,7 +739,9 @@ class RedisQueue:
         self._stopping.set()
         if self._tender is not None:
             self._tender.cancel()
-            await asyncio.gather(self._tender, return_exceptions=True)
+            # A cancel that lands in a redis-py command may end it only at its socket timeout
+            # (and _stopping ends the loop then): a stop does not wait for that.
+            await asyncio.wait({self._tender}, timeout=CLOSE_TIMEOUT)
             self._tender = None
         if self._redis is not None and self._owner:
             # Bounded, as all of a stop: a stalled Redis must not hold the process past its
