@@ -58,7 +58,8 @@ async def queue_context(app: web.Application) -> AsyncIterator[None]:
             raise QueueRefused(str(error)) from None
     if queue.interrupted:
         log.warning(
-            "%s being sent when the collector last stopped; they go again, "
+            "%s being sent by a collector that stopped (this one, or on a shared queue another);"
+            " they go again, "
             "with the same X-Outbound-GUID so that Outbound can drop a resend",
             counted(queue.interrupted, "event") + (" was" if queue.interrupted == 1 else " were"),
         )

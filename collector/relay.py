@@ -406,7 +406,8 @@ class Relay:
             self._repeats.log(
                 logging.ERROR,
                 "outcome",
-                "could not record the outcome for event %s (%s); it goes again after its lease",
+                "could not record the outcome for event %s (%s); it goes again, with the same"
+                " X-Outbound-GUID, unless the queue records it once it can",
                 line[0].record["message_id"],
                 error,
             )
