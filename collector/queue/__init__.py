@@ -6,6 +6,7 @@ Streams, for several collectors). `open_queue` picks one from the settings.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 from ..config import Settings
 from .base import (
@@ -37,6 +38,19 @@ def make_queue(
 ) -> SQLiteQueue | RedisQueue:
     """The queue the settings name (SQLite in data_dir unless queue_url is set), not opened.
     `owner=False`: for a tool, which neither relays nor holds the SQLite file's lock."""
+    # What both queues take alike: the bounds, the dedupe window and dead letters' retention.
+    common: dict[str, Any] = {
+        "dedupe_window": settings.dedupe_window,
+        "max_events": settings.queue_max_events,
+        "max_bytes": settings.queue_max_bytes,
+        "share_per_ip": settings.queue_share_per_ip,
+        "browser_share": settings.queue_browser_share,
+        "ipv6_prefix": settings.ipv6_bucket_prefix,
+        "dead_letters_max": settings.dead_letters_max,
+        "dead_letter_days": settings.dead_letter_days,
+        "on_dropped": on_dropped,
+        "owner": owner,
+    }
     if settings.queue_url is not None:
         return RedisQueue(
             settings.queue_url.reveal(),
@@ -44,31 +58,9 @@ def make_queue(
             partitions=settings.redis_partitions,
             lease=settings.redis_lease,
             durability=settings.durability,
-            dedupe_window=settings.dedupe_window,
-            max_events=settings.queue_max_events,
-            max_bytes=settings.queue_max_bytes,
-            share_per_ip=settings.queue_share_per_ip,
-            browser_share=settings.queue_browser_share,
-            ipv6_prefix=settings.ipv6_bucket_prefix,
-            dead_letters_max=settings.dead_letters_max,
-            dead_letter_days=settings.dead_letter_days,
-            on_dropped=on_dropped,
-            owner=owner,
+            **common,
         )
-    return SQLiteQueue(
-        settings.data_dir / QUEUE_FILE,
-        synchronous=settings.durability,
-        dedupe_window=settings.dedupe_window,
-        max_events=settings.queue_max_events,
-        max_bytes=settings.queue_max_bytes,
-        share_per_ip=settings.queue_share_per_ip,
-        browser_share=settings.queue_browser_share,
-        ipv6_prefix=settings.ipv6_bucket_prefix,
-        dead_letters_max=settings.dead_letters_max,
-        dead_letter_days=settings.dead_letter_days,
-        on_dropped=on_dropped,
-        owner=owner,
-    )
+    return SQLiteQueue(settings.data_dir / QUEUE_FILE, synchronous=settings.durability, **common)
 
 
 async def open_queue(
