@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from .schema import EventValidator, Shape, load_event_schemas
 from .script import Script, static_file
 
 log = logging.getLogger("collector.app")
+STOP_STATS_TIMEOUT = 1.0  # seconds the stop waits for the queue's figures for its last line
 
 
 async def ids_key_context(app: web.Application) -> AsyncIterator[None]:
@@ -91,9 +93,13 @@ async def relay_context(app: web.Application) -> AsyncIterator[None]:
     if client is not None:
         await client.close()
     try:
-        stats = await app[QUEUE].stats()
+        # Only for the last line: a queue slow to answer (Redis stalled) must not hold the stop.
+        stats = await asyncio.wait_for(app[QUEUE].stats(), STOP_STATS_TIMEOUT)
     except QueueUnavailable as error:  # a damaged or unreadable file: say so, stop cleanly
         log.error("stopped; the queue cannot be read: %s", error)
+        return
+    except TimeoutError:
+        log.warning("stopped; the queue did not give its figures within %gs", STOP_STATS_TIMEOUT)
         return
     log.info(
         "stopped with %s queued, %s",

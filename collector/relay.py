@@ -33,6 +33,9 @@ IDLE_POLL = 1.0
 IDENTIFIED_MEMORY = 100_000
 # Seconds of single calls after a batch endpoint answered 404/405 (an Outbound without it).
 BATCH_FALLBACK = 600.0
+# Seconds a stop waits for a claim under way (a shared queue may be slow to answer) before
+# it cancels it: what the claim leased goes again after its lease, with the same GUIDs.
+CLAIM_STOP_GRACE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +274,9 @@ class Relay:
         self._closing = True
         self._wake.set()
         if self._runner is not None:
+            _, running = await asyncio.wait({self._runner}, timeout=CLAIM_STOP_GRACE)
+            for task in running:
+                task.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
         if self._inflight:
             _, pending = await asyncio.wait(self._inflight, timeout=self._settings.relay_timeout)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from redis_server import RedisServer
+from serve_process import ServeProcess
 
 from collector import cli
 from collector.queue import QueueUnavailable, RedisQueue
@@ -108,3 +109,28 @@ async def test_close_does_not_wait_on_a_stalled_redis(tmp_path: Path) -> None:
         os.kill(pid, signal.SIGCONT)
         server.kill()
     assert not queue.held
+
+
+def test_a_stop_does_not_wait_a_command_timeout_a_step_on_a_stalled_redis(tmp_path: Path) -> None:
+    # Redis stalls (SIGSTOP: it takes connections and answers nothing) while the relay polls it.
+    # Each step of the stop that talks to Redis (the relay's claim under way, the last line's
+    # figures, the partitions' release) gives up after about a second, not SOCKET_TIMEOUT each
+    # (those added up to about 16 s under load, past a supervisor's patience).
+    server = RedisServer(tmp_path / "redis").start()
+    assert server.process is not None
+    collector = ServeProcess(
+        ["--data-dir", str(tmp_path / "data")],
+        env={"COLLECTOR_QUEUE_URL": server.url},
+        log=tmp_path / "collector.log",
+    )
+    pid = server.process.pid
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(1.5)  # the relay's next poll (a second apart) is now a claim Redis holds
+        code = collector.stop(signal.SIGTERM, timeout=2 * SOCKET_TIMEOUT - 1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        server.kill()
+    output = collector.output()
+    assert code == 0, output
+    assert "the queue did not give its figures" in output
