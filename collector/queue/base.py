@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..enrich import Record
 from ..limits import ip_bucket
+from ..logs import Repeats, counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,3 +147,37 @@ def share_key(record: Record, ipv6_prefix: int) -> str | None:
 
 def user_key(record: Record) -> str:
     return str(record.get("user_id") or record.get("anonymous_id") or "")
+
+
+class DroppedLetters:
+    """Counts the dead letters retention drops (dead_letter_days, dead_letters_max) and says
+    so in the log: the first line of each kind, then a count per minute (logs.Repeats)."""
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        on_dropped: Callable[[int], object],
+        *,
+        days: float,
+        kept: int,
+    ) -> None:
+        self.count = 0
+        self._on_dropped = on_dropped
+        self._repeats = Repeats(log)
+        self._days = days
+        self._kept = kept
+
+    def dropped(self, expired: int, over: int) -> None:
+        """Count and log `expired` letters past their retention and `over` past the cap."""
+        if expired:
+            days = f"{self._days:g} day" + ("" if self._days == 1 else "s")
+            self._drop(expired, "expired", f"older than {days} (dead_letter_days)")
+        if over:
+            kept = self._kept
+            self._drop(over, "over", f"the oldest: {kept} are kept at most (dead_letters_max)")
+
+    def _drop(self, count: int, key: str, why: str) -> None:
+        self.count += count
+        self._on_dropped(count)
+        dropped = counted(count, "dead letter")
+        self._repeats.log(logging.WARNING, key, "dropped %s, %s", dropped, why)

@@ -45,6 +45,7 @@ from ..logs import Repeats, counted
 from .base import (
     Claimed,
     DeadLetterFilter,
+    DroppedLetters,
     QueueFull,
     QueueRefused,
     QueueStats,
@@ -624,14 +625,12 @@ class RedisQueue:
         self._ipv6_prefix = ipv6_prefix
         self._dead_letters_max = dead_letters_max
         self._dead_letter_days = dead_letter_days
-        self._on_dropped = on_dropped
         self._owner = owner
         # This collector among the live ones: its host and pid for people, random for
         # uniqueness (a restarted process with the same pid is another member).
         self.member = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
         self.depth = 0  # events waiting, as Redis last said
         self.interrupted = 0  # events whose delivery a previous owner did not finish
-        self.dead_letters_dropped = 0
         self.fenced = 0  # outcomes refused because the partition was lost meanwhile
         self.stored = 0
         self.duplicates = 0
@@ -656,7 +655,7 @@ class RedisQueue:
         self._closing = False
         self._stopping = asyncio.Event()
         self._refusals = Repeats(log)
-        self._drops = Repeats(log)
+        self._drops = DroppedLetters(log, on_dropped, days=dead_letter_days, kept=dead_letters_max)
         self._tend_errors = Repeats(log)
 
     def __repr__(self) -> str:
@@ -1006,7 +1005,7 @@ class RedisQueue:
                         " its new owner sends them again with the same X-Outbound-GUID",
                         item.partition,
                     )
-        self._dropped_letters(expired, over)
+        self._drops.dropped(expired, over)
 
     def _retention_cutoff(self, now: float) -> str:
         """The failed_at before which dead letters go, at most once a RETENTION_INTERVAL."""
@@ -1015,18 +1014,10 @@ class RedisQueue:
         self._retained_at = now
         return repr(now - self._dead_letter_days * 86400)
 
-    def _dropped_letters(self, expired: int, over: int) -> None:
-        if expired:
-            days = f"{self._dead_letter_days:g} day" + ("" if self._dead_letter_days == 1 else "s")
-            self._dropped(expired, "expired", f"older than {days} (dead_letter_days)")
-        if over:
-            kept = self._dead_letters_max
-            self._dropped(over, "over", f"the oldest: {kept} are kept at most (dead_letters_max)")
-
-    def _dropped(self, count: int, key: str, why: str) -> None:
-        self.dead_letters_dropped += count
-        self._on_dropped(count)
-        self._drops.log(logging.WARNING, key, "dropped %s, %s", counted(count, "dead letter"), why)
+    @property
+    def dead_letters_dropped(self) -> int:
+        """Dead letters retention dropped since open."""
+        return self._drops.count
 
     async def ack(self, event_id: int, *, identified: bool = False) -> None:
         await self._settle_all([("ack", event_id, "1" if identified else "0", "", "")])
@@ -1060,7 +1051,7 @@ class RedisQueue:
             answer = await self._call(
                 self._script("settle", [self._prefix, cutoff, self._dead_letters_max, cutoff])
             )
-            self._dropped_letters(int(answer[1]), int(answer[2]))
+            self._drops.dropped(int(answer[1]), int(answer[2]))
         pipe = client.pipeline(transaction=False)
         pipe.hget(self._key("counts"), "events")
         pipe.zcard(self._key("dl:ids"))

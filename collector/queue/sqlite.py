@@ -24,6 +24,7 @@ from ..outbound import LEGACY_ANONYMOUS_PREFIX, anonymous
 from .base import (
     Claimed,
     DeadLetterFilter,
+    DroppedLetters,
     QueueDamaged,
     QueueFull,
     QueueLocked,
@@ -416,9 +417,7 @@ class SQLiteQueue:
         self._dead_letters_max = dead_letters_max  # 0: no cap
         self._dead_letter_days = dead_letter_days  # 0: kept until purged
         self._retained_at = 0.0
-        self._on_dropped = on_dropped
-        self.dead_letters_dropped = 0
-        self._drops = Repeats(log)
+        self._drops = DroppedLetters(log, on_dropped, days=dead_letter_days, kept=dead_letters_max)
         self._synchronous = synchronous.upper()
         self._dedupe_window = dedupe_window
         self._pruned_at = 0.0
@@ -1104,17 +1103,12 @@ class SQLiteQueue:
                 (self.dead_count - self._dead_letters_max,),
             ).rowcount
             self.dead_count -= over
-        if expired:
-            days = f"{self._dead_letter_days:g} day" + ("" if self._dead_letter_days == 1 else "s")
-            self._dropped(expired, "expired", f"older than {days} (dead_letter_days)")
-        if over:
-            kept = self._dead_letters_max
-            self._dropped(over, "over", f"the oldest: {kept} are kept at most (dead_letters_max)")
+        self._drops.dropped(expired, over)
 
-    def _dropped(self, count: int, key: str, why: str) -> None:
-        self.dead_letters_dropped += count
-        self._on_dropped(count)
-        self._drops.log(logging.WARNING, key, "dropped %s, %s", counted(count, "dead letter"), why)
+    @property
+    def dead_letters_dropped(self) -> int:
+        """Dead letters retention dropped since open."""
+        return self._drops.count
 
     async def probe(self, now: float) -> bool:
         """Try a real write as large as the puts that last failed (PROBE_BYTES at least);
