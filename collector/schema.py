@@ -8,15 +8,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jsonschema_rs
 import orjson
 from jsonschema import Draft202012Validator, SchemaError, ValidationError
 from referencing import Registry, Resource
 
-Kind = Literal[
-    "event",
+# Each Outbound-shaped kind is checked by the packaged schema of its name; events by envelope.
+OutboundKind = Literal[
     "outbound_track",
     "outbound_identify",
     "outbound_register",
@@ -24,15 +24,8 @@ Kind = Literal[
     "outbound_subscription",
     "outbound_campaigns",
 ]
-# Each Outbound-shaped kind is checked by the packaged schema of its name; events by envelope.
-OUTBOUND_KINDS: tuple[Kind, ...] = (
-    "outbound_track",
-    "outbound_identify",
-    "outbound_register",
-    "outbound_disable",
-    "outbound_subscription",
-    "outbound_campaigns",
-)
+Kind = Literal["event", OutboundKind]
+OUTBOUND_KINDS: tuple[OutboundKind, ...] = get_args(OutboundKind)
 _PACKAGED = ("envelope", *OUTBOUND_KINDS)
 _JSON_TYPES = {
     "object": "an object",
