@@ -165,6 +165,29 @@ async def test_a_line_taken_over_goes_again_as_the_same_batch(queues: QueueFacto
     assert [item.record["message_id"] for item in rest] == ["m3", "m4"]
 
 
+async def test_user_keys_that_look_like_the_queues_own_keys_stay_apart(
+    queues: QueueFactory,
+) -> None:
+    """Key names are built from user keys (`prefix:line:<user>`), which a page chooses: a
+    user named like another user's line or like the queue's own keys has a line of its own,
+    in its own order, and leaves the queue's keys alone."""
+    queue = await queues(partitions=4)
+    users = ["alice", "alice:x", "line:alice", ":line:alice", "p:0", "p:0:heads", "seq", "ids"]
+    # Each user's events interleaved with the others', three rounds deep.
+    await queue.put([record(10 * n + i, user) for n in range(3) for i, user in enumerate(users)])
+    delivered: dict[str, list[str]] = {}
+    while claimed := await queue.claim(100, now=time.time(), lease=60, depth=2):
+        for item in claimed:
+            delivered.setdefault(item.record["user_id"], []).append(item.record["message_id"])
+        await queue.ack_all([(item.id, False) for item in claimed])
+    assert delivered == {
+        user: [f"m{10 * n + i}" for n in range(3)] for i, user in enumerate(users)
+    }
+    assert (await queue.stats()).depth == 0
+    # The sequence and the shared dedupe window still work after a user named "seq".
+    assert await queue.put([record(99, "seq"), record(10, "alice")]) == 1
+
+
 async def test_outcomes_redis_missed_are_stored_when_it_is_back(
     queues: QueueFactory, fsynced_redis: RedisServer
 ) -> None:
