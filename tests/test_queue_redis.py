@@ -180,9 +180,7 @@ async def test_user_keys_that_look_like_the_queues_own_keys_stay_apart(
         for item in claimed:
             delivered.setdefault(item.record["user_id"], []).append(item.record["message_id"])
         await queue.ack_all([(item.id, False) for item in claimed])
-    assert delivered == {
-        user: [f"m{10 * n + i}" for n in range(3)] for i, user in enumerate(users)
-    }
+    assert delivered == {user: [f"m{10 * n + i}" for n in range(3)] for i, user in enumerate(users)}
     assert (await queue.stats()).depth == 0
     # The sequence and the shared dedupe window still work after a user named "seq".
     assert await queue.put([record(99, "seq"), record(10, "alice")]) == 1
