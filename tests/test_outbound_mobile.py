@@ -442,6 +442,32 @@ async def test_a_call_sent_again_with_its_guid_is_a_resend(
     assert [r.endpoint for r in received] == ["identify", "track", "track"]
 
 
+async def test_a_browser_cannot_name_its_calls_with_a_guid(
+    guarded: Collector, fake: FakeOutbound
+) -> None:
+    """Only a server token's GUID stands for its call's message id. From a page, a GUID
+    copied from another call (a server's, or the page's own earlier call) would have a call
+    dropped as a resend: the header is ignored there, and each call is an event of its own,
+    under a GUID of the collector's making."""
+    fake.always = Fault(503)  # keep the records queued, to count them
+    guid = "4a8d2f0e-5b6c-4d7e-8f90-a1b2c3d4e5f6"
+    server = b'{"user_id":"u-9","event":"paid","properties":{},"timestamp":1529366403}'
+    assert await send(guarded, ANDROID_0_4_HEADERS, "/v2/track", server, guid=guid) == (202, b"")
+    page = {"Origin": SHOP, "Content-Type": "text/plain", "X-Outbound-GUID": guid}
+    for event in (b"paid", b"left"):
+        body = b'{"anon_id":"visitor-1","event":"%s","properties":{}}' % event
+        status, answer, _ = await guarded.post("/v2/track", data=body, headers=page)
+        assert status == 202, answer
+    assert guarded.queue.depth == 3
+    fake.always = None
+    received = await fake.wait_for(3 + 2)  # and an identify before each user's first track
+    tracks = {
+        r.body["event"]: r for r in received if r.endpoint == "track" and r.body["user_id"] != "u-9"
+    }
+    assert sorted(tracks) == ["left", "paid"]
+    assert guid not in {r.headers["X-Outbound-GUID"] for r in tracks.values()}
+
+
 # -- their configuration (GET /i/config/sdk/<platform>/<version>) -------------------------------
 
 # Android 0.4.0's config call: OutboundClient.loadConfig makes an OutboundRequest of Type.CONFIG
