@@ -1867,6 +1867,11 @@ def main() -> None:
         "--only-attack", action="store_true", help="only the row under attack (no RESULTS.md)"
     )
     parser.add_argument(
+        "--only-versions",
+        action="store_true",
+        help="only this version beside --previous, taking turns (no RESULTS.md)",
+    )
+    parser.add_argument(
         "--only-redis",
         action="store_true",
         help="only the rows of collectors sharing a queue on Redis, beside SQLite's; they "
@@ -1889,6 +1894,19 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             path.write_text(replace_section(path.read_text() if path.exists() else "", section))
             print(f"\nwrote its section into {path}")
+            return
+        if args.only_versions:
+            previous = checkout(args.previous, work)
+            if previous is None:
+                return
+            print(
+                versions_table(
+                    measure_versions(
+                        work, schemas, previous, seconds, rounds, 1_000 if args.smoke else 20_000
+                    ),
+                    args.previous,
+                )
+            )
             return
         if args.only_relay:
             results.relay = measure_relay(work, schemas, args.smoke)
