@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from conftest import eventually
 
@@ -200,3 +202,75 @@ async def test_dedupe_forgets_after_its_window(tmp_path: Path) -> None:
         assert await q.put([{**rec("a", 1), "received_at": NOW + 102}]) == 0
     finally:
         await q.close()
+
+
+def browser(ip: str, n: int) -> dict[str, Any]:
+    """A record as ingest stores a browser's: a dedupe key scoped to it, and its IP."""
+    return {**rec(f"visitor{n % 2}", n), "ip": ip, "dedupe_key": f"{ip}/{n}"}
+
+
+def counts(queue: SQLiteQueue) -> tuple[Any, ...]:
+    """What the queue keeps in memory of its events: depth, bytes and the clients' shares."""
+    return (
+        queue.depth,
+        queue.bytes,
+        dict(queue.clients),
+        queue.browser_events,
+        queue.browser_bytes,
+    )
+
+
+async def recounted(path: Path) -> tuple[Any, ...]:
+    """The same, counted from the file's records by another connection (a tool's)."""
+    tool = SQLiteQueue(path, owner=False)
+    await tool.open()
+    try:
+        return counts(tool)
+    finally:
+        await tool.close()
+
+
+async def test_outcomes_keep_the_counts_and_shares_the_records_say(tmp_path: Path) -> None:
+    # An ack counts what leaves from what its claim read (not from the deleted rows); the
+    # counts must stay those of the records, for every outcome, for events this process did
+    # not claim, and for an id SQLite gives again to another event.
+    path = tmp_path / "q.sqlite3"
+    queue = SQLiteQueue(path)
+    await queue.open()
+    try:
+        records = [browser("198.51.100.7", n) for n in range(6)]
+        records += [browser("2001:db8::1", n) for n in range(6, 9)]
+        records += [rec("server", n) for n in range(3)]
+        await queue.put(records)
+        claimed = await queue.claim(10, now=NOW, lease=60, depth=3)
+        assert len(claimed) == 9
+        first, second, third, *rest = claimed
+        await queue.ack_all([(c.id, False) for c in rest])
+        await queue.retry(first.id, available_at=NOW, error="503")
+        await queue.release(third.id)
+        await queue.dead_letter(second.id, reason="400", status=400, response="", now=NOW)
+        assert counts(queue) == await recounted(path)
+        assert queue._leased == {}  # every claimed event had its outcome: nothing kept
+        # Leased by a process that stopped: acked here without this process's claim.
+        await queue.claim(10, now=NOW, lease=60, depth=10)
+        await queue.close()
+        queue = SQLiteQueue(path)
+        await queue.open()
+        with sqlite3.connect(path) as other:
+            waiting = [row[0] for row in other.execute("SELECT id FROM events ORDER BY id")]
+        await queue.ack_all([(event_id, False) for event_id in waiting[:-2]])
+        assert counts(queue) == await recounted(path)
+        # The newest event acked after its claim: its id goes to the next event stored (the
+        # largest rowid plus one), from another client; acked, it counts as that one's.
+        kept, newest = sorted(
+            await queue.claim(10, now=NOW, lease=60, depth=10), key=attrgetter("id")
+        )
+        await queue.ack(newest.id)
+        await queue.put([browser("203.0.113.9", 99)])
+        with sqlite3.connect(path) as other:
+            assert other.execute("SELECT MAX(id) FROM events").fetchall() == [(newest.id,)]
+        assert queue.clients["203.0.113.9"] == (1, len(orjson.dumps(browser("203.0.113.9", 99))))
+        await queue.ack_all([(newest.id, False), (kept.id, False)])
+        assert counts(queue) == (0, 0, {}, 0, 0) == await recounted(path)
+    finally:
+        await queue.close()

@@ -230,6 +230,7 @@ def log_bytes(frames: int, page_size: int = 4096) -> int:
 Operation = Callable[[sqlite3.Connection], Any]
 PendingPut = tuple[list[Row], int, "asyncio.Future[int]"]
 Acked = tuple[int, bool]  # an event id, and whether its user's identify went through
+LeasedEvent = tuple[str, int, str | None]  # its line, its body's size, its client (share_key)
 Progress = Callable[[int], None]
 _LETTER_KEYS = ("id", "message_id", "reason", "status", "response", "attempts", "failed_at")
 
@@ -395,6 +396,10 @@ class SQLiteQueue:
         # Per line, the last event the process before had claimed, while it is not claimed
         # again: that claim goes no further (see _prepare).
         self._redo: dict[str, int] = {}
+        # What a claim read of each event it leased and an ack needs (its line, its body's
+        # size, its client for the share), so that the ack's DELETE returns only the ids
+        # rather than the bodies; an entry goes with the event's outcome (see _delete).
+        self._leased: dict[int, LeasedEvent] = {}
         self._counted_at = 0.0  # when depth and bytes were last counted from the table
         # Dead letters, kept like depth: counted at open, then in the transactions that add
         # or remove them, and recounted when another process (`dead-letters`) changed them.
@@ -962,6 +967,16 @@ class SQLiteQueue:
         return outcomes
 
     async def claim(self, limit: int, *, now: float, lease: float, depth: int = 1) -> list[Claimed]:
+        leased, prefix = self._leased, self._ipv6_prefix
+
+        def keep(user: str, event_id: int, body: bytes, record: Record) -> Record:
+            """`record`, with what its ack will need kept by its id."""
+            ip = record.get("ip")
+            if ip is None or isinstance(ip, str):  # as _SENDER reads it from the body
+                browser = record.get("dedupe_key") is not None
+                leased[event_id] = (user, len(body), client_key(ip, browser, prefix))
+            return record
+
         def select_and_lease(connection: sqlite3.Connection) -> list[Claimed]:
             heads = connection.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
             until = now + lease
@@ -969,13 +984,12 @@ class SQLiteQueue:
             users: list[str] = []
             for user, event_id, body, attempts, received_at, identified in heads:
                 users.append(user)
-                claimed.append(
-                    Claimed(event_id, orjson.loads(body), attempts, received_at, bool(identified))
-                )
+                record = keep(user, event_id, body, orjson.loads(body))
+                claimed.append(Claimed(event_id, record, attempts, received_at, bool(identified)))
                 if depth > 1:
                     last = self._redo.get(user, _LAST_ID)
                     claimed.extend(
-                        Claimed(i, orjson.loads(b), a, r, bool(identified))
+                        Claimed(i, keep(user, i, b, orjson.loads(b)), a, r, bool(identified))
                         for i, b, a, r in connection.execute(
                             _BEHIND, (user, event_id, last, depth - 1)
                         )
@@ -1002,18 +1016,42 @@ class SQLiteQueue:
 
     def _delete(self, connection: sqlite3.Connection, event_ids: Sequence[int]) -> None:
         users: set[str] = set()
-        for start in range(0, len(event_ids), _ID_CHUNK):
-            chunk = event_ids[start : start + _ID_CHUNK]
+        leased = self._leased
+        # The events a claim of this process read: their line, size and client are known, and
+        # the DELETE returns only which of them it found (returning a body's length and the
+        # fields of its JSON, as for the others, costs more than the delete itself).
+        known: list[int] = []
+        others: list[int] = []
+        for event_id in event_ids:
+            (known if event_id in leased else others).append(event_id)
+        for start in range(0, len(known), _ID_CHUNK):
+            chunk = known[start : start + _ID_CHUNK]
             marks = ",".join("?" * len(chunk))
-            deleted = connection.execute(
+            deleted = [
+                leased[event_id]
+                for (event_id,) in connection.execute(
+                    f"DELETE FROM events WHERE id IN ({marks}) RETURNING id", chunk
+                )
+            ]
+            self._counted(-len(deleted), -sum(size for _, size, _ in deleted))
+            for user, size, client in deleted:
+                self._share(client, -1, -size)
+                users.add(user)
+        for event_id in known:
+            # Gone, or never there: an id SQLite gives again later is another event's.
+            del leased[event_id]
+        for start in range(0, len(others), _ID_CHUNK):
+            chunk = others[start : start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = connection.execute(
                 f"DELETE FROM events WHERE id IN ({marks})"
                 f" RETURNING user_key, LENGTH(body), {_SENDER}",
                 chunk,
             ).fetchall()
-            self._counted(-len(deleted), -sum(row[1] for row in deleted))
-            for _, size, ip, browser in deleted:
+            self._counted(-len(rows), -sum(row[1] for row in rows))
+            for _, size, ip, browser in rows:
                 self._share(client_key(ip, bool(browser), self._ipv6_prefix), -1, -size)
-            users.update(row[0] for row in deleted)
+            users.update(row[0] for row in rows)
         self._refresh_heads(connection, users)
 
     @staticmethod
@@ -1053,6 +1091,7 @@ class SQLiteQueue:
             )
 
     async def retry(self, event_id: int, *, available_at: float, error: str) -> None:
+        self._leased.pop(event_id, None)  # kept again by the claim that takes it next
         await self._submit(
             lambda c: self._update_head_event(
                 c,
@@ -1063,6 +1102,7 @@ class SQLiteQueue:
         )
 
     async def release(self, event_id: int) -> None:
+        self._leased.pop(event_id, None)
         await self._submit(
             lambda c: self._update_head_event(
                 c, "UPDATE events SET lease_until = 0 WHERE id = ? RETURNING user_key", (event_id,)
