@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from conftest import SEED_EVENT, Collector, StartCollector, eventually
 from fake_outbound import FakeOutbound, Fault
@@ -130,6 +131,28 @@ async def test_the_bytes_bound_counts_what_is_on_disk(tmp_path: Path) -> None:
         assert refused is not None
         assert refused.limit == "queue_max_bytes"
         assert queue.bytes < 200_000 <= queue.disk_bytes + 100 * 100
+    finally:
+        await queue.close()
+
+
+async def test_a_resent_event_takes_no_share(tmp_path: Path) -> None:
+    # A put counts against its client's share only the events it stores: not those the
+    # dedupe finds again, from an earlier put or earlier in the same group commit.
+    queue = SQLiteQueue(tmp_path / "q.sqlite3")
+    await queue.open()
+    try:
+        records = [
+            {"message_id": f"m{n}", "dedupe_key": f"m{n}/v", "user_id": "u", "received_at": NOW}
+            | {"ip": "203.0.113.9"}
+            for n in range(4)
+        ]
+        assert await queue.put(records[:2]) == 0
+        assert list(await asyncio.gather(queue.put(records[1:]), queue.put(records[3:]))) == [1, 1]
+        size = sum(len(orjson.dumps(record)) for record in records)
+        assert queue.clients == {"203.0.113.9": (4, size)}
+        assert (
+            (queue.browser_events, queue.browser_bytes) == (4, size) == (queue.depth, queue.bytes)
+        )
     finally:
         await queue.close()
 

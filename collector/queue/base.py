@@ -145,6 +145,18 @@ def share_key(record: Record, ipv6_prefix: int) -> str | None:
     return client_key(record.get("ip"), "dedupe_key" in record, ipv6_prefix)
 
 
+def one_sender(records: Sequence[Record]) -> bool:
+    """Whether `share_key` is the same for all the records (it is for a request's)."""
+    if not records:
+        return True
+    first = records[0]
+    ip, browser = first.get("ip"), "dedupe_key" in first
+    for record in records:
+        if record.get("ip") != ip or ("dedupe_key" in record) is not browser:
+            return False
+    return True
+
+
 def user_key(record: Record) -> str:
     return str(record.get("user_id") or record.get("anonymous_id") or "")
 

@@ -33,6 +33,7 @@ from .base import (
     QueueUnavailable,
     client_key,
     dedupe_key,
+    one_sender,
     share_key,
     user_key,
 )
@@ -125,6 +126,9 @@ _NEW_HEADS = (
     " SELECT user_key, MIN(id), available_at FROM events NOT INDEXED WHERE id > ?"
     " GROUP BY user_key"
 )
+# The same, for the `?` events the put just inserted: SQLite gives a new row the rowid one past
+# the largest, so theirs follow each other up to last_insert_rowid().
+_NEW_HEADS_OF_THE_LAST = _NEW_HEADS.replace("id > ?", "id > last_insert_rowid() - ?")
 # Records queued before anonymous ids had a namespace: an anonymous id, no mark (a rowid
 # range from `id`, so that the migration reads the table once, in chunks).
 _BEFORE_THE_NAMESPACE = (
@@ -152,6 +156,15 @@ PROBE_BYTES = 64 * 1024
 _ID_CHUNK = 500  # message ids looked up per statement, well below SQLite's variable limit
 # user, message id, received_at, body, dedupe key, client (share_key)
 Row = tuple[str, str, float, bytes, str, str | None]
+# What rows add to each client's share (share_key): [events, bytes]. A request has one
+# sender, so a put from ingest has one entry, or none (a server token's).
+Shares = dict[str, list[int]]
+# What a commit may add to the log at most, counted so that the log's file is measured only
+# when the commits since its last measure may have filled the room it had: several times
+# what they write (a put of one event about 7 pages, of 20 events about 36; test_wal_bound),
+# plus the bodies stored.
+LOG_PAGES_A_COMMIT = 16
+LOG_PAGES_A_CHANGE = 8  # a row inserted, updated or deleted (connection.total_changes)
 DISK_CHECK_INTERVAL = 1.0  # seconds between measures of the queue's files (not one a put)
 RETENTION_INTERVAL = 60.0  # seconds between drops of dead letters past their retention
 # A record's client for the per-IP share: its IP as stored, and whether a browser sent it.
@@ -228,7 +241,20 @@ def log_bytes(frames: int, page_size: int = 4096) -> int:
 
 
 Operation = Callable[[sqlite3.Connection], Any]
-PendingPut = tuple[list[Row], int, "asyncio.Future[int]"]
+
+
+def shares_of(rows: Iterable[Row]) -> Shares:
+    """What `rows` add to each client's share (a server token's rows: nothing)."""
+    shares: Shares = {}
+    for row in rows:
+        if row[5] is not None:
+            counts = shares.setdefault(row[5], [0, 0])
+            counts[0] += 1
+            counts[1] += len(row[3])
+    return shares
+
+
+PendingPut = tuple[list[Row], int, Shares, "asyncio.Future[int]"]
 Acked = tuple[int, bool]  # an event id, and whether its user's identify went through
 LeasedEvent = tuple[str, int, str | None]  # its line, its body's size, its client (share_key)
 Progress = Callable[[int], None]
@@ -442,6 +468,9 @@ class SQLiteQueue:
         self.damaged: str | None = None  # what SQLite said when it found the file corrupt
         self.commits = 0
         self.log_holds = 0  # commits held until a restart because the log was past its bound
+        # What the log may still grow by before it can be past that bound: the room left at
+        # its last measure, less what each commit since may have written (0: measure it).
+        self._log_room = 0
         self.stored = 0
         self.duplicates = 0
         self.last_error: str | None = None
@@ -705,10 +734,14 @@ class SQLiteQueue:
             acks, self._acks = self._acks, []
             if not batch and not puts and not acks:
                 continue
-            operations = [operation for operation, _, _ in batch]
-            acked = [(event_id, identified) for event_id, identified, _ in acks]
-            futures: list[asyncio.Future[Any]] = [future for _, _, future in acks]
-            futures += [future for _, _, future in batch] + [future for _, _, future in puts]
+            # Most commits are a put or two and nothing else: no lists for what is not there.
+            operations = [operation for operation, _, _ in batch] if batch else []
+            acked = [(event_id, identified) for event_id, identified, _ in acks] if acks else []
+            # In the order of the results: the acks', the operations', the puts'.
+            futures: list[asyncio.Future[Any]] = [future for _, _, future in acks] if acks else []
+            if batch:
+                futures += [future for _, _, future in batch]
+            futures += [future for _, _, _, future in puts]
             try:
                 if self._executor is None:
                     results, stored = await self._on_the_loop(acked, operations, puts)
@@ -719,7 +752,7 @@ class SQLiteQueue:
             except Exception as error:
                 self._healthy, self.last_error = False, f"{type(error).__name__}: {error}"
                 if puts:  # what a probe must be able to write before it says "healthy"
-                    self._failed_bytes = sum(size for _, size, _ in puts)
+                    self._failed_bytes = sum(size for _, size, _, _ in puts)
                 if damage(error):
                     self.damaged = f"{self.path} is damaged ({error})"
                 failure = QueueUnavailable(self.last_error)
@@ -730,9 +763,10 @@ class SQLiteQueue:
             if (puts or any(stores for _, stores, _ in batch)) and self.damaged is None:
                 self._healthy, self.last_error = True, None
             self.commits += 1
-            for future, result in zip(
-                futures, [*([None] * len(acks)), *results, *stored], strict=True
-            ):
+            outcomes: list[Any] = stored
+            if acks or batch:
+                outcomes = [*([None] * len(acks)), *results, *stored]
+            for future, result in zip(futures, outcomes, strict=True):
                 if not future.done():
                     future.set_result(result)
 
@@ -742,7 +776,10 @@ class SQLiteQueue:
         checkpointer from ever restarting the log, which would then grow by hundreds of MB;
         puts that arrive meanwhile join the commit that follows."""
         checkpointer = self._checkpointer
-        if checkpointer is None or self._log_size() <= self._wal_hold_bytes:
+        if checkpointer is None or self._log_room > 0:
+            return
+        self._log_room = self._wal_hold_bytes - self._log_size()
+        if self._log_room >= 0:
             return
         self.log_holds += 1
         self._lock_free.clear()
@@ -786,29 +823,39 @@ class SQLiteQueue:
         assert connection is not None
         depth, size, dead = self.depth, self.bytes, self.dead_count
         self._undo.clear()
+        changes = connection.total_changes
         connection.execute("BEGIN IMMEDIATE")
         try:
-            # Acks first: a claim in the same commit must see those users' next events.
-            self._remember_identified(connection, [i for i, identified in acked if identified])
-            self._delete(connection, [event_id for event_id, _ in acked])
-            results = [operation(connection) for operation in operations]
+            if acked:  # first: a claim in the same commit must see those users' next events
+                self._remember_identified(connection, [i for i, identified in acked if identified])
+                self._delete(connection, [event_id for event_id, _ in acked])
+            results = [operation(connection) for operation in operations] if operations else []
             stored = self._store(connection, puts) if puts else []
             connection.execute("COMMIT")
         except BaseException:
+            self._log_room = 0  # what a failed commit wrote: measure it
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             self.depth, self.bytes, self.dead_count = depth, size, dead  # none of it happened
             self._undo_shares()
             raise
+        changes = connection.total_changes - changes
+        if operations:
+            self._log_room = 0  # an operation may write anything: measure
+        else:
+            self._log_room -= log_bytes(LOG_PAGES_A_COMMIT + LOG_PAGES_A_CHANGE * changes)
         return results, stored
 
     async def put(self, records: Sequence[Record]) -> int:
         # Everything per event happens here; the writer stores all the puts of a group
         # commit with a few statements, so that it hardly needs the interpreter.
         kept = records
-        if self._dedupe_window > 0:  # a message id twice in one put: keep the first
+        if self._dedupe_window > 0 and len(records) > 1:  # a message id twice: keep the first
             kept = list(reversed({dedupe_key(r): r for r in reversed(records)}.values()))
         prefix = self._ipv6_prefix
+        # The records of a request count against one client: looked up once.
+        one = one_sender(kept)
+        client = share_key(kept[0], prefix) if one and kept else None
         rows = [
             (
                 user_key(r),
@@ -816,13 +863,16 @@ class SQLiteQueue:
                 r["received_at"],
                 orjson.dumps(r),
                 dedupe_key(r),
-                share_key(r, prefix),
+                client if one else share_key(r, prefix),
             )
             for r in kept
         ]
         size = sum(len(row[3]) for row in rows)
+        shares: Shares = {} if client is None else {client: [len(rows), size]}
+        if not one:
+            shares = shares_of(rows)
         try:
-            duplicates: int | str = await self._next_commit(self._puts, rows, size)
+            duplicates: int | str = await self._next_commit(self._puts, rows, size, shares)
         except QueueUnavailable as error:
             # Every request is refused alike (a full disk): counted, not a line each.
             self._refusals.log(
@@ -873,28 +923,23 @@ class SQLiteQueue:
         self._disk_measured_at = time.monotonic()
 
     def _refusal(
-        self, rows: list[Row], put_size: int, depth: int, disk: int, taken: dict[str, list[int]]
+        self, events: int, put_size: int, shares: Shares, depth: int, disk: int, taken: Shares
     ) -> str | None:
         """The limit a put would go over, given what this commit took before it; None: it fits."""
-        if depth + len(rows) > self._max_events:
+        if depth + events > self._max_events:
             return "queue_max_events"
         if disk + put_size > self._max_bytes:
             return "queue_max_bytes"
-        mine: dict[str, list[int]] = {}
-        for row in rows:
-            if row[5] is not None:
-                counts = mine.setdefault(row[5], [0, 0])
-                counts[0] += 1
-                counts[1] += len(row[3])
-        if not mine:
+        if not shares:
             return None  # a server token's: only the bounds apply
-        events = self.browser_events + taken[""][0] + sum(c[0] for c in mine.values())
-        size = self.browser_bytes + taken[""][1] + sum(c[1] for c in mine.values())
+        browsers = taken[""]
+        events = self.browser_events + browsers[0] + sum(c[0] for c in shares.values())
+        size = self.browser_bytes + browsers[1] + sum(c[1] for c in shares.values())
         share = self._browser_share
         if events > share * self._max_events or size > share * self._max_bytes:
             return "queue_browser_share"
         share = self._share_per_ip
-        for key, (more_events, more_bytes) in mine.items():
+        for key, (more_events, more_bytes) in shares.items():
             held_events, held_bytes = self.clients.get(key, (0, 0))
             before = taken.get(key, [0, 0])
             if (
@@ -902,8 +947,8 @@ class SQLiteQueue:
                 or held_bytes + before[1] + more_bytes > share * self._max_bytes
             ):
                 return "queue_share_per_ip"
-        for key, (more_events, more_bytes) in mine.items():
-            for counts in (taken.setdefault(key, [0, 0]), taken[""]):
+        for key, (more_events, more_bytes) in shares.items():
+            for counts in (taken.setdefault(key, [0, 0]), browsers):
                 counts[0] += more_events
                 counts[1] += more_bytes
         return None
@@ -915,20 +960,20 @@ class SQLiteQueue:
         if time.monotonic() - self._disk_measured_at >= DISK_CHECK_INTERVAL:
             self._measure_disk(connection)
         depth, disk = self.depth, self.disk_bytes
-        taken: dict[str, list[int]] = {"": [0, 0]}  # per client, and "" for all browsers
-        fitting: list[tuple[int, list[Row]]] = []
-        for rows, put_size, _ in puts:
-            limit = self._refusal(rows, put_size, depth, disk, taken)
+        taken: Shares = {"": [0, 0]}  # per client, and "" for all browsers
+        fitting: list[tuple[int, list[Row], Shares]] = []
+        for rows, put_size, shares, _ in puts:
+            limit = self._refusal(len(rows), put_size, shares, depth, disk, taken)
             if limit is not None:
                 outcomes.append(limit)
                 continue
             depth, disk = depth + len(rows), disk + put_size
-            fitting.append((len(outcomes), rows))
+            fitting.append((len(outcomes), rows, shares))
             outcomes.append(0)
         dedupe = self._dedupe_window > 0
         seen: set[str] = set()
         if dedupe and fitting:
-            ids = [row[4] for _, rows in fitting for row in rows]
+            ids = [row[4] for _, rows, _ in fitting for row in rows]
             for start in range(0, len(ids), _ID_CHUNK):
                 chunk = ids[start : start + _ID_CHUNK]
                 marks = ",".join("?" * len(chunk))
@@ -939,25 +984,30 @@ class SQLiteQueue:
                     )
                 )
         fresh: list[Row] = []
-        for index, rows in fitting:
-            for row in rows:
-                if not dedupe:
-                    fresh.append(row)
-                elif row[4] in seen:
-                    outcomes[index] = int(outcomes[index]) + 1
-                else:
-                    seen.add(row[4])
-                    fresh.append(row)
+        for index, rows, shares in fitting:
+            if not dedupe:
+                fresh += rows
+            else:
+                first = len(fresh)
+                for row in rows:
+                    if row[4] in seen:
+                        outcomes[index] = int(outcomes[index]) + 1
+                    else:
+                        seen.add(row[4])
+                        fresh.append(row)
+                if outcomes[index]:  # a duplicate takes no share
+                    shares = shares_of(fresh[first:])
+            for client, (events, size) in shares.items():
+                self._share(client, events, size)
         if fresh:
-            (last,) = connection.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
             connection.executemany(_INSERT_EVENT, [row[:4] for row in fresh])
-            connection.execute(_NEW_HEADS, (last,))
+            connection.execute(_NEW_HEADS_OF_THE_LAST, (len(fresh),))
             if dedupe:
                 connection.executemany(_REMEMBER, [(row[4], row[2]) for row in fresh])
-            self._counted(len(fresh), sum(len(row[3]) for row in fresh))
-            self.disk_bytes += sum(len(row[3]) for row in fresh)  # till it is measured again
-            for row in fresh:
-                self._share(row[5], 1, len(row[3]))
+            size = sum(len(row[3]) for row in fresh)
+            self._counted(len(fresh), size)
+            self.disk_bytes += size  # till it is measured again
+            self._log_room -= size
         now = max((row[2] for row in fresh), default=0.0)
         if dedupe and now - self._pruned_at > min(self._dedupe_window, 60.0):
             self._pruned_at = now
