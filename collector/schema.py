@@ -469,12 +469,15 @@ class EventValidator:
         self, event: dict[str, Any], *, server: bool, unknown: str
     ) -> list[Problem]:
         """Whether this sender may send the Outbound event this becomes (tracks and pages)."""
+        rejects_unknown = unknown == "reject" and bool(self._event_schemas)
+        if (server or not self.server_only) and not rejects_unknown:
+            return []  # no name would be refused: the name is not worth looking up
         name = self.outbound_name(event)
         if name is None:
             return []
         if name in self.server_only and not server:
             why = "may only be sent with a server token"
-        elif unknown == "reject" and self._event_schemas and name not in self._event_schemas:
+        elif rejects_unknown and name not in self._event_schemas:
             why = "is not a known event (no schema in schemas_dir)"
         else:
             return []
@@ -484,14 +487,15 @@ class EventValidator:
 
 
 # Ids Outbound stores as text: 42 becomes "42", but 42.0 would become "42.0", another id.
-_ID_FIELDS: dict[Kind, tuple[tuple[str, ...], ...]] = {
-    "event": (("user_id",), ("traits", "group_id")),
-    "outbound_track": (("user_id",), ("user", "group_id")),
-    "outbound_identify": (("user_id",), ("previous_id",), ("group_id",)),
-    "outbound_register": (("user_id",),),
-    "outbound_disable": (("user_id",),),
-    "outbound_subscription": (("user_id",),),
-    "outbound_campaigns": (("user_id",),),
+# Each as the key of the body and the key inside that value, if it is nested.
+_ID_FIELDS: dict[Kind, tuple[tuple[str, str | None], ...]] = {
+    "event": (("user_id", None), ("traits", "group_id")),
+    "outbound_track": (("user_id", None), ("user", "group_id")),
+    "outbound_identify": (("user_id", None), ("previous_id", None), ("group_id", None)),
+    "outbound_register": (("user_id", None),),
+    "outbound_disable": (("user_id", None),),
+    "outbound_subscription": (("user_id", None),),
+    "outbound_campaigns": (("user_id", None),),
 }
 
 
@@ -499,14 +503,14 @@ def fractional_ids(event: dict[str, Any], kind: Kind) -> list[Problem]:
     """A problem for each id sent as a number with a fraction or an exponent (JSON Schema's
     "integer" takes 42.0): refused rather than sent on as "42.0"."""
     problems = []
-    for path in _ID_FIELDS[kind]:
-        value: object = event
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
+    for key, inner in _ID_FIELDS[kind]:
+        value = event.get(key)
+        if inner is not None:
+            value = value.get(inner) if isinstance(value, dict) else None
         if isinstance(value, float):
             problems.append(
                 Problem(
-                    pointer(path),
+                    pointer((key,) if inner is None else (key, inner)),
                     f"must be a string or a whole number written without a fraction or an "
                     f"exponent, not {value!r} (Outbound would store it as {str(value)!r})",
                 )
