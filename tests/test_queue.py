@@ -274,3 +274,41 @@ async def test_outcomes_keep_the_counts_and_shares_the_records_say(tmp_path: Pat
         assert counts(queue) == (0, 0, {}, 0, 0) == await recounted(path)
     finally:
         await queue.close()
+
+
+async def test_a_line_leased_deep_keeps_each_events_lease_through_outcomes_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    # A claim writes its lease on a line's head and its last event only; what each outcome
+    # then does must be what a lease on every event would do, also for a restart's redo.
+    path = tmp_path / "q.sqlite3"
+    queue = SQLiteQueue(path)
+    await queue.open()
+    try:
+        await queue.put([rec("a", n) for n in range(9)])
+        a0, _, _, a3 = await queue.claim(1, now=NOW, lease=60, depth=4)
+        await queue.ack(a3.id)  # the last event claimed goes first: a2 is the last leased now
+        await queue.ack(a0.id)
+        assert await queue.claim(1, now=NOW, lease=60, depth=5) == []  # a1 is leased
+        await queue.close()
+        queue = SQLiteQueue(path)
+        await queue.open()
+        assert queue.interrupted == 2  # a1 and a2 were being sent
+        # The calls it made go again as they were: a1 and a2, not with a4 that waited.
+        a1, a2 = await queue.claim(1, now=NOW, lease=60, depth=5)
+        assert [a1.record["message_id"], a2.record["message_id"]] == ["a-1", "a-2"]
+        await queue.ack_all([(a1.id, False), (a2.id, False)])
+        # The head released, then a shallower claim: the events behind keep their lease.
+        a4, _, _ = await queue.claim(1, now=NOW + 10, lease=60, depth=3)
+        await queue.release(a4.id)
+        [again] = await queue.claim(1, now=NOW + 20, lease=60, depth=1)
+        await queue.ack(again.id)
+        assert await queue.claim(1, now=NOW + 69, lease=60, depth=5) == []  # a5's lease
+        a5, a6, _, _ = await queue.claim(1, now=NOW + 70, lease=60, depth=5)
+        # An event inside the line released: it is due when it is the head, the others not.
+        await queue.release(a6.id)
+        await queue.ack(a5.id)
+        rest = await queue.claim(1, now=NOW + 70, lease=60, depth=5)
+        assert [item.record["message_id"] for item in rest] == ["a-6", "a-7", "a-8"]
+    finally:
+        await queue.close()

@@ -45,10 +45,17 @@ class Model:
     events: list[ModelEvent] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     now: float = 1_000_000.0
+    # Per line, the last event leased when the queue was reopened after a crash: its next
+    # claim goes no further (the same batches go again).
+    redo: dict[str, str] = field(default_factory=dict)
+    # Lines reopened twice or more since their last claim: the SQLite queue forgets their
+    # redo at the second reopen, Redis keeps it; deep claims wait until they are claimed.
+    unsettled: set[str] = field(default_factory=set)
 
-    def claimable(self, limit: int) -> list[str]:
+    def claimable(self, limit: int, depth: int = 1) -> list[str]:
         """The heads of the users' lines that are due, in the order they became due (the
-        later of backoff and lease), then in arrival order."""
+        later of backoff and lease), then in arrival order; each followed by the events
+        behind it, `depth` in all at most (leased or not: a line is leased by its head)."""
         heads: dict[str, ModelEvent] = {}
         for event in self.events:
             heads.setdefault(event.user, event)
@@ -57,7 +64,13 @@ class Model:
             (e for e in heads.values() if max(e.available_at, e.lease_until) <= self.now),
             key=lambda e: (max(e.available_at, e.lease_until), order[e.message_id]),
         )
-        return [e.message_id for e in due[:limit]]
+        claimed = []
+        for head in due[:limit]:
+            line = [e.message_id for e in self.events if e.user == head.user][:depth]
+            if head.user in self.redo and self.redo[head.user] in line:
+                line = line[: line.index(self.redo[head.user]) + 1]
+            claimed += line
+        return claimed
 
     def find(self, message_id: str) -> ModelEvent:
         return next(e for e in self.events if e.message_id == message_id)
@@ -112,10 +125,12 @@ class QueueMachine(RuleBasedStateMachine):
             self.model.events.append(ModelEvent(message_id, user))
         self.run(self.queue.put(records))
 
-    @rule(target=claimed, limit=st.integers(1, 5))
-    def claim(self, limit: int) -> object:
-        expected = self.model.claimable(limit)
-        got = self.run(self.queue.claim(limit, now=self.model.now, lease=LEASE))
+    @rule(target=claimed, limit=st.integers(1, 5), depth=st.sampled_from([1, 2, 3, 3]))
+    def claim(self, limit: int, depth: int) -> object:
+        if self.model.unsettled:
+            depth = 1
+        expected = self.model.claimable(limit, depth)
+        got = self.run(self.queue.claim(limit, now=self.model.now, lease=LEASE, depth=depth))
         assert isinstance(got, list)
         assert [c.record["message_id"] for c in got] == expected
         for item in got:
@@ -123,6 +138,8 @@ class QueueMachine(RuleBasedStateMachine):
             assert item.attempts == model_event.attempts
             model_event.lease_until = self.model.now + LEASE
             self.held[item.record["message_id"]] = item
+            self.model.redo.pop(model_event.user, None)
+            self.model.unsettled.discard(model_event.user)
         return multiple(*expected)
 
     def _valid(self, message_id: str) -> Claimed | None:
@@ -212,7 +229,11 @@ class QueueMachine(RuleBasedStateMachine):
             # what Redis acknowledged in its last second or two (its documented promise).
             self.redis.restart(kill=False)
         self.queue = self._open()
+        self.model.unsettled |= set(self.model.redo)
+        self.model.redo = {}
         for event in self.model.events:
+            if event.lease_until > 0:
+                self.model.redo[event.user] = event.message_id  # the last leased of its line
             event.lease_until = 0.0  # a new owner voids the dead process's leases
         self.held.clear()
 

@@ -109,8 +109,16 @@ _BEHIND = (
     " AND id <= ? ORDER BY id LIMIT ?"
 )
 _LAST_ID = (1 << 63) - 1
-# The last event of each line that a process which died had leased (events_leased).
-_LEASED_LINES = "SELECT user_key, MAX(id) FROM events WHERE lease_until > 0 GROUP BY user_key"
+# The last event of each line that a process which died had leased (events_leased): a claim
+# writes its lease on the head and the last event it took of each line (see claim).
+_LEASED_LINES = (
+    "SELECT user_key, MAX(id) AS last FROM events WHERE lease_until > 0 GROUP BY user_key"
+)
+# How many events those lines hold up to their last leased one.
+_INTERRUPTED = (
+    f"SELECT COUNT(*) FROM events AS e JOIN ({_LEASED_LINES}) AS leased"
+    " ON e.user_key = leased.user_key AND e.id <= leased.last"
+)
 # The head of one user's line as the events table has it (none when the line is empty).
 _HEAD_OF = (
     "INSERT INTO heads (user_key, event_id, due_at)"
@@ -426,6 +434,10 @@ class SQLiteQueue:
         # size, its client for the share), so that the ack's DELETE returns only the ids
         # rather than the bodies; an entry goes with the event's outcome (see _delete).
         self._leased: dict[int, LeasedEvent] = {}
+        # Per line claimed several events deep, the last event claimed and the lease: the
+        # claim writes the lease on the line's head and that last event only, and the events
+        # between have it here rather than in their rows (see claim and _follow_leases).
+        self._ranges: dict[str, tuple[int, float]] = {}
         self._counted_at = 0.0  # when depth and bytes were last counted from the table
         # Dead letters, kept like depth: counted at open, then in the transactions that add
         # or remove them, and recounted when another process (`dead-letters`) changed them.
@@ -571,9 +583,8 @@ class SQLiteQueue:
                 # batches, under the same GUIDs, not batches joined by the events that came
                 # meanwhile. A claim leases lines from their heads (events_leased).
                 self._redo = dict(connection.execute(_LEASED_LINES).fetchall())
-                self.interrupted = connection.execute(
-                    "UPDATE events SET lease_until = 0 WHERE lease_until > 0"
-                ).rowcount
+                (self.interrupted,) = connection.execute(_INTERRUPTED).fetchone()
+                connection.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0")
                 connection.execute(
                     "UPDATE heads SET due_at ="
                     " (SELECT available_at FROM events WHERE id = heads.event_id)"
@@ -1027,37 +1038,127 @@ class SQLiteQueue:
                 leased[event_id] = (user, len(body), client_key(ip, browser, prefix))
             return record
 
+        # The lines' ranges as they were before this claim: put back if its commit fails.
+        replaced: dict[str, tuple[int, float] | None] = {}
+
         def select_and_lease(connection: sqlite3.Connection) -> list[Claimed]:
             heads = connection.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
             until = now + lease
             claimed: list[Claimed] = []
             users: list[str] = []
+            marks: list[tuple[float, int]] = []  # (lease, event id): the rows that carry it
             for user, event_id, body, attempts, received_at, identified in heads:
                 users.append(user)
                 record = keep(user, event_id, body, orjson.loads(body))
                 claimed.append(Claimed(event_id, record, attempts, received_at, bool(identified)))
+                marks.append((until, event_id))
+                last = event_id
                 if depth > 1:
-                    last = self._redo.get(user, _LAST_ID)
+                    redo = self._redo.get(user, _LAST_ID)
                     claimed.extend(
                         Claimed(i, keep(user, i, b, orjson.loads(b)), a, r, bool(identified))
                         for i, b, a, r in connection.execute(
-                            _BEHIND, (user, event_id, last, depth - 1)
+                            _BEHIND, (user, event_id, redo, depth - 1)
                         )
                     )
-            connection.executemany(
-                "UPDATE events SET lease_until = ? WHERE id = ?", [(until, c.id) for c in claimed]
-            )
+                    last = claimed[-1].id
+                    if last != event_id:
+                        marks.append((until, last))
+                self._lease_range(connection, user, event_id, last, until, replaced)
+            connection.executemany("UPDATE events SET lease_until = ? WHERE id = ?", marks)
             connection.executemany(
                 "UPDATE heads SET due_at = ? WHERE user_key = ?",
                 [(until, user) for user in users],
             )
             return claimed
 
-        claimed: list[Claimed] = await self._submit(select_and_lease)
+        try:
+            claimed: list[Claimed] = await self._submit(select_and_lease)
+        except QueueUnavailable:
+            for user, before in replaced.items():
+                if before is None:
+                    self._ranges.pop(user, None)
+                else:
+                    self._ranges[user] = before
+            raise
         if self._redo:
             for item in claimed:  # claimed again, as far as before: their leases are new
                 self._redo.pop(user_key(item.record), None)
         return claimed
+
+    def _lease_range(
+        self,
+        connection: sqlite3.Connection,
+        user: str,
+        head: int,
+        last: int,
+        until: float,
+        replaced: dict[str, tuple[int, float] | None],
+    ) -> None:
+        """Lease a line's events from its head to `last` (the rows of both are the caller's
+        to write), keeping in `replaced` the line's range as it was."""
+        before = self._ranges.get(user)
+        replaced.setdefault(user, before)
+        if before is not None and before[0] > last:
+            # A claim less deep than the one before (a probe): the events past this one's
+            # keep the lease they had, in their rows now.
+            old_last, old_until = before
+            connection.execute(
+                "UPDATE events SET lease_until = ? WHERE user_key = ? AND id > ? AND id < ?",
+                (old_until, user, last, old_last),
+            )
+        if last == head:
+            self._ranges.pop(user, None)
+        else:
+            self._ranges[user] = (last, until)
+
+    def _follow_leases(self, connection: sqlite3.Connection, gone: dict[str, list[int]]) -> None:
+        """After events were deleted (`gone`: by line), keep the leases of the lines claimed
+        several events deep as a lease on each event would have been: the line's next event
+        becomes its head still leased, and the last event claimed (which tells a restart how
+        far the claim went) is the last one left."""
+        for user, deleted in gone.items():
+            claimed = self._ranges.get(user)
+            if claimed is None:
+                continue
+            last, until = claimed
+            row = connection.execute(
+                "SELECT event_id FROM heads WHERE user_key = ?", (user,)
+            ).fetchone()
+            if row is None or row[0] > last:
+                del self._ranges[user]  # none of the claimed events is left
+                continue
+            head = row[0]
+            if min(deleted) < head:  # the head went: the next one is under the same lease
+                connection.execute("UPDATE events SET lease_until = ? WHERE id = ?", (until, head))
+                connection.execute(
+                    "UPDATE heads SET due_at = MAX(due_at, ?) WHERE user_key = ?", (until, user)
+                )
+            if last in deleted:
+                (last,) = connection.execute(
+                    "SELECT MAX(id) FROM events WHERE user_key = ? AND id < ?", (user, last)
+                ).fetchone()
+                connection.execute("UPDATE events SET lease_until = ? WHERE id = ?", (until, last))
+                self._ranges[user] = (last, until)
+
+    def _spell_out_lease(self, connection: sqlite3.Connection, user: str, event_id: int) -> None:
+        """Before an outcome of one event inside a line's range other than its head: the other
+        events of the range get the lease in their rows, and the range goes."""
+        claimed = self._ranges.get(user)
+        if claimed is None or event_id > claimed[0]:
+            return
+        last, until = claimed
+        row = connection.execute(
+            "SELECT event_id FROM heads WHERE user_key = ?", (user,)
+        ).fetchone()
+        if row is None or row[0] == event_id:
+            return  # the head's lease is in its row; the others keep the range's
+        connection.execute(
+            "UPDATE events SET lease_until = ? WHERE user_key = ? AND id > ? AND id <= ?"
+            " AND id != ?",
+            (until, user, row[0], last, event_id),
+        )
+        del self._ranges[user]
 
     def _counted(self, events: int, size: int) -> None:
         """Keep depth and bytes in step with the table; run inside the writer's transaction."""
@@ -1065,7 +1166,7 @@ class SQLiteQueue:
         self.bytes += size
 
     def _delete(self, connection: sqlite3.Connection, event_ids: Sequence[int]) -> None:
-        users: set[str] = set()
+        gone: dict[str, list[int]] = {}  # the ids deleted, by line
         leased = self._leased
         # The events a claim of this process read: their line, size and client are known, and
         # the DELETE returns only which of them it found (returning a body's length and the
@@ -1078,15 +1179,18 @@ class SQLiteQueue:
             chunk = known[start : start + _ID_CHUNK]
             marks = ",".join("?" * len(chunk))
             deleted = [
-                leased[event_id]
+                event_id
                 for (event_id,) in connection.execute(
                     f"DELETE FROM events WHERE id IN ({marks}) RETURNING id", chunk
                 )
             ]
-            self._counted(-len(deleted), -sum(size for _, size, _ in deleted))
-            for user, size, client in deleted:
-                self._share(client, -1, -size)
-                users.add(user)
+            size = 0
+            for event_id in deleted:
+                user, event_size, client = leased[event_id]
+                self._share(client, -1, -event_size)
+                size += event_size
+                gone.setdefault(user, []).append(event_id)
+            self._counted(-len(deleted), -size)
         for event_id in known:
             # Gone, or never there: an id SQLite gives again later is another event's.
             del leased[event_id]
@@ -1095,14 +1199,16 @@ class SQLiteQueue:
             marks = ",".join("?" * len(chunk))
             rows = connection.execute(
                 f"DELETE FROM events WHERE id IN ({marks})"
-                f" RETURNING user_key, LENGTH(body), {_SENDER}",
+                f" RETURNING id, user_key, LENGTH(body), {_SENDER}",
                 chunk,
             ).fetchall()
-            self._counted(-len(rows), -sum(row[1] for row in rows))
-            for _, size, ip, browser in rows:
+            self._counted(-len(rows), -sum(row[2] for row in rows))
+            for event_id, user, size, ip, browser in rows:
                 self._share(client_key(ip, bool(browser), self._ipv6_prefix), -1, -size)
-            users.update(row[0] for row in rows)
-        self._refresh_heads(connection, users)
+                gone.setdefault(user, []).append(event_id)
+        self._refresh_heads(connection, gone)
+        if self._ranges:
+            self._follow_leases(connection, gone)
 
     @staticmethod
     def _refresh_heads(connection: sqlite3.Connection, users: Iterable[str]) -> None:
@@ -1111,12 +1217,14 @@ class SQLiteQueue:
         connection.executemany("DELETE FROM heads WHERE user_key = ?", keys)
         connection.executemany(_HEAD_OF, keys)
 
-    @classmethod
     def _update_head_event(
-        cls, connection: sqlite3.Connection, sql: str, params: Sequence[Any]
+        self, connection: sqlite3.Connection, sql: str, params: Sequence[Any]
     ) -> None:
-        """Run an UPDATE of one event that ends `RETURNING user_key`, and refresh that head."""
-        cls._refresh_heads(connection, [user for (user,) in connection.execute(sql, params)])
+        """Run an UPDATE of one event that ends `RETURNING user_key, id`, and refresh that head."""
+        rows = connection.execute(sql, params).fetchall()
+        for user, event_id in rows:
+            self._spell_out_lease(connection, user, event_id)
+        self._refresh_heads(connection, [user for user, _ in rows])
 
     async def ack(self, event_id: int, *, identified: bool = False) -> None:
         # Acks of one commit go together into one statement, as puts do.
@@ -1146,7 +1254,7 @@ class SQLiteQueue:
             lambda c: self._update_head_event(
                 c,
                 "UPDATE events SET attempts = attempts + 1, available_at = ?, lease_until = 0,"
-                " last_error = ? WHERE id = ? RETURNING user_key",
+                " last_error = ? WHERE id = ? RETURNING user_key, id",
                 (available_at, error, event_id),
             )
         )
@@ -1155,7 +1263,9 @@ class SQLiteQueue:
         self._leased.pop(event_id, None)
         await self._submit(
             lambda c: self._update_head_event(
-                c, "UPDATE events SET lease_until = 0 WHERE id = ? RETURNING user_key", (event_id,)
+                c,
+                "UPDATE events SET lease_until = 0 WHERE id = ? RETURNING user_key, id",
+                (event_id,),
             )
         )
 
