@@ -92,8 +92,13 @@ class Answer:
         return self.status is not None and 200 <= self.status < 300
 
 
+# What a call leaves out as empty (compared by ==: 0 and False are kept). Built once: written
+# in the function, the tuple's dict and list were built again on every call.
+_ABSENT: tuple[object, ...] = (None, "", {}, [])
+
+
 def _present(value: object) -> bool:
-    return value not in (None, "", {}, [])
+    return value not in _ABSENT
 
 
 def anonymous(record: Record) -> str | None:
@@ -122,15 +127,18 @@ def server_context(record: Record, *, with_ip: bool = False) -> dict[str, Any]:
     The IP only when the operator forwards it (as stored: truncated unless set to full).
     """
     client = record.get("context", {})
-    page = {key: client[key] for key in PAGE_FIELDS if _present(client.get(key))}
-    context = {
-        "page": page,
-        "locale": client.get("locale"),
-        "user_agent": record.get("user_agent"),
-        "received_at": int(record["received_at"]),
-        "ip": record.get("ip") if with_ip else None,
-    }
-    return {key: value for key, value in context.items() if _present(value)}
+    context: dict[str, Any] = {}  # in this order: page, locale, user_agent, received_at, ip
+    page = {key: value for key in PAGE_FIELDS if (value := client.get(key)) not in _ABSENT}
+    if page:
+        context["page"] = page
+    if (locale := client.get("locale")) not in _ABSENT:
+        context["locale"] = locale
+    if (user_agent := record.get("user_agent")) not in _ABSENT:
+        context["user_agent"] = user_agent
+    context["received_at"] = int(record["received_at"])  # a number: never left out
+    if with_ip and (ip := record.get("ip")) not in _ABSENT:
+        context["ip"] = ip
+    return context
 
 
 def identify_body(record: Record) -> dict[str, Any]:
@@ -157,7 +165,7 @@ def track_body(
     if record["type"] == "page":
         name = page_event_name
         client = record.get("context", {})
-        page = {key: client[key] for key in PAGE_FIELDS if _present(client.get(key))}
+        page = {key: value for key in PAGE_FIELDS if (value := client.get(key)) not in _ABSENT}
         properties = {**page, **properties}
     else:
         name = record["event"]
