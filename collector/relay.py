@@ -329,8 +329,11 @@ class Relay:
                 timeout = IDLE_POLL
                 if breaker.is_open and now < breaker.probe_at:
                     timeout = min(IDLE_POLL, breaker.probe_at - now)
+                # A timeout around the wait rather than wait_for, which makes a task of it:
+                # every stored request wakes the relay, and each wake ends such a wait.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
 
     def _claimed_too_short(self, claimed: list[Claimed], depth: int) -> bool:
         """Whether a probe's claim may have stopped inside the call its events failed in
