@@ -770,6 +770,8 @@ def _pay(limiter: RateLimiter, bucket: str, cost: float, *, take: bool = True) -
     The connection is closed: reading what is left of a refused body to keep it would be
     work done for the one client over its rate (a flood of large batches took 70% of the
     others' throughput that way); it is to wait Retry-After anyway."""
+    if not limiter.rate:
+        return  # no limit per IP: nothing to check or take
     now = time.monotonic()
     wait = limiter.charge(bucket, cost, now) if take else limiter.wait({bucket: cost}, now)
     if wait:
