@@ -453,19 +453,20 @@ def judge(
     """Validate, check the sender's rights, and enrich each event; the rest say why not."""
     settings, validator = app[SETTINGS], app[VALIDATOR]
     key, prefix = app[IDS_KEY], settings.anonymous_id_prefix
+    # Read once a request rather than once an event.
+    max_event_bytes, reserved = settings.max_event_bytes, settings.context_property
     scopes: dict[str, str] = {}  # the visitors' scope digests, which a batch's events share
     received_at = time.time()
     verdicts = Verdicts()
     for index, event in enumerate(events):
         status, reason = "accepted", "invalid"
         encoded = orjson.dumps(event)
-        problems = _size_problem(len(encoded), settings)
-        if problems:
-            reason = "too_large"
+        if len(encoded) > max_event_bytes:
+            problems, reason = _size_problem(len(encoded), max_event_bytes), "too_large"
         else:
             problems = validator.problems(event, kind, encoded)
-        if not problems and isinstance(event, dict):
-            problems = _reserved_problem(event, settings)
+        if not problems and reserved and isinstance(event, dict):
+            problems = _reserved_problem(event, reserved)
         if not problems and isinstance(event, dict):
             problems = validator.registry_problems(
                 event, server=server, unknown=settings.unknown_events
@@ -569,17 +570,14 @@ def rate_limit_wait(app: web.Application, records: list[Record]) -> float:
     return wait
 
 
-def _size_problem(size: int, settings: Settings) -> list[Problem]:
-    if size > settings.max_event_bytes:
-        limit = settings.max_event_bytes
-        return [Problem("", f"the event is {size} bytes as JSON; the limit is {limit}")]
-    return []
+def _size_problem(size: int, limit: int) -> list[Problem]:
+    return [Problem("", f"the event is {size} bytes as JSON; the limit is {limit}")]
 
 
-def _reserved_problem(event: dict[str, Any], settings: Settings) -> list[Problem]:
-    key = settings.context_property
+def _reserved_problem(event: dict[str, Any], key: str) -> list[Problem]:
+    """A problem when the event's properties hold `key`, the server context's property."""
     properties = event.get("properties")
-    if key and isinstance(properties, dict) and key in properties:
+    if isinstance(properties, dict) and key in properties:
         return [
             Problem(
                 f"/properties/{key}",
