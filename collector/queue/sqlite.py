@@ -835,14 +835,15 @@ class SQLiteQueue:
         depth, size, dead = self.depth, self.bytes, self.dead_count
         self._undo.clear()
         changes = connection.total_changes
-        connection.execute("BEGIN IMMEDIATE")
+        cursor = connection.cursor()  # one for the commit's own statements, not one each
+        cursor.execute("BEGIN IMMEDIATE")
         try:
             if acked:  # first: a claim in the same commit must see those users' next events
                 self._remember_identified(connection, [i for i, identified in acked if identified])
                 self._delete(connection, [event_id for event_id, _ in acked])
             results = [operation(connection) for operation in operations] if operations else []
-            stored = self._store(connection, puts) if puts else []
-            connection.execute("COMMIT")
+            stored = self._store(cursor, puts) if puts else []
+            cursor.execute("COMMIT")
         except BaseException:
             self._log_room = 0  # what a failed commit wrote: measure it
             if connection.in_transaction:
@@ -921,11 +922,11 @@ class SQLiteQueue:
             )
         return f"the queue is full ({self.depth} events, {self.disk_bytes} bytes on disk)"
 
-    def _measure_disk(self, connection: sqlite3.Connection) -> None:
+    def _measure_disk(self, cursor: sqlite3.Cursor) -> None:
         """What the queue's files hold: the database's pages in use, and its log."""
-        (pages,) = connection.execute("PRAGMA page_count").fetchone()
-        (free,) = connection.execute("PRAGMA freelist_count").fetchone()
-        (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+        (pages,) = cursor.execute("PRAGMA page_count").fetchone()
+        (free,) = cursor.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = cursor.execute("PRAGMA page_size").fetchone()
         try:
             log_size = os.stat(self.path.with_name(self.path.name + "-wal")).st_size
         except FileNotFoundError:
@@ -964,12 +965,39 @@ class SQLiteQueue:
                 counts[1] += more_bytes
         return None
 
-    def _store(self, connection: sqlite3.Connection, puts: list[PendingPut]) -> list[int | str]:
+    @staticmethod
+    def _remember(rows: list[Row], cursor: sqlite3.Cursor) -> set[str] | None:
+        """Remember the rows' dedupe keys. None: each was new, and once among the rows
+        (nearly always; one statement). Otherwise the keys seen before within the window,
+        and none of the rows is remembered: the caller remembers those it stores."""
+        if len(rows) == 1:  # the insert says whether the key was there
+            row = rows[0]
+            return None if cursor.execute(_REMEMBER, (row[4], row[2])).rowcount else {row[4]}
+        # A point to roll back to, so that the keys seen before are looked up in the table as
+        # it was (a savepoint within the commit ends with it).
+        cursor.execute("SAVEPOINT remember")
+        if cursor.executemany(_REMEMBER, [(row[4], row[2]) for row in rows]).rowcount == len(rows):
+            return None
+        cursor.execute("ROLLBACK TO remember")
+        seen: set[str] = set()
+        ids = [row[4] for row in rows]
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start : start + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            seen.update(
+                m
+                for (m,) in cursor.execute(
+                    f"SELECT message_id FROM received WHERE message_id IN ({marks})", chunk
+                )
+            )
+        return seen
+
+    def _store(self, cursor: sqlite3.Cursor, puts: list[PendingPut]) -> list[int | str]:
         """All the puts of one group commit: per put, its duplicates, or the name of the limit
         that it would have gone over (then nothing of it is stored)."""
         outcomes: list[int | str] = []
         if time.monotonic() - self._disk_measured_at >= DISK_CHECK_INTERVAL:
-            self._measure_disk(connection)
+            self._measure_disk(cursor)
         depth, disk = self.depth, self.disk_bytes
         taken: Shares = {"": [0, 0]}  # per client, and "" for all browsers
         fitting: list[tuple[int, list[Row], Shares]] = []
@@ -982,21 +1010,12 @@ class SQLiteQueue:
             fitting.append((len(outcomes), rows, shares))
             outcomes.append(0)
         dedupe = self._dedupe_window > 0
-        seen: set[str] = set()
+        seen: set[str] | None = None  # none: every row is new, and remembered already
         if dedupe and fitting:
-            ids = [row[4] for _, rows, _ in fitting for row in rows]
-            for start in range(0, len(ids), _ID_CHUNK):
-                chunk = ids[start : start + _ID_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                seen.update(
-                    m
-                    for (m,) in connection.execute(
-                        f"SELECT message_id FROM received WHERE message_id IN ({marks})", chunk
-                    )
-                )
+            seen = self._remember([row for _, rows, _ in fitting for row in rows], cursor)
         fresh: list[Row] = []
         for index, rows, shares in fitting:
-            if not dedupe:
+            if seen is None:
                 fresh += rows
             else:
                 first = len(fresh)
@@ -1011,10 +1030,10 @@ class SQLiteQueue:
             for client, (events, size) in shares.items():
                 self._share(client, events, size)
         if fresh:
-            connection.executemany(_INSERT_EVENT, [row[:4] for row in fresh])
-            connection.execute(_NEW_HEADS_OF_THE_LAST, (len(fresh),))
-            if dedupe:
-                connection.executemany(_REMEMBER, [(row[4], row[2]) for row in fresh])
+            cursor.executemany(_INSERT_EVENT, [row[:4] for row in fresh])
+            cursor.execute(_NEW_HEADS_OF_THE_LAST, (len(fresh),))
+            if seen is not None:
+                cursor.executemany(_REMEMBER, [(row[4], row[2]) for row in fresh])
             size = sum(len(row[3]) for row in fresh)
             self._counted(len(fresh), size)
             self.disk_bytes += size  # till it is measured again
@@ -1022,7 +1041,7 @@ class SQLiteQueue:
         now = max((row[2] for row in fresh), default=0.0)
         if dedupe and now - self._pruned_at > min(self._dedupe_window, 60.0):
             self._pruned_at = now
-            connection.execute(
+            cursor.execute(
                 "DELETE FROM received WHERE received_at < ?", (now - self._dedupe_window,)
             )
         return outcomes
