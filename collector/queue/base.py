@@ -91,7 +91,11 @@ class Queue(Protocol):
     async def release(self, event_id: int) -> None: ...
 
     async def reset_backoff(self, now: float) -> None:
-        """Make every waiting event due now (Outbound is back)."""
+        """Make every line due now (Outbound is back): its head's backoff goes.
+
+        An event behind the head keeps its own (only a batch that failed gives it one); a
+        claim several deep takes it with its head, whatever its backoff, as the same batch.
+        """
 
     async def dead_letter(
         self, event_id: int, *, reason: str, status: int | None, response: str, now: float
