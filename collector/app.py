@@ -85,7 +85,16 @@ async def relay_context(app: web.Application) -> AsyncIterator[None]:
             settings.relay_timeout,
             concurrency=settings.relay_concurrency,
         )
-    relay = Relay(app[QUEUE], outbound, settings, metrics=app[METRICS], hub=app[DEBUG_HUB])
+    relay = Relay(
+        app[QUEUE],
+        outbound,
+        settings,
+        # The key ingest's ids were stamped with (one in Redis for collectors sharing it):
+        # whichever collector relays an event derives the same identify GUID.
+        ids_key=app[IDS_KEY],
+        metrics=app[METRICS],
+        hub=app[DEBUG_HUB],
+    )
     app[RELAY] = relay
     relay.start()
     yield

@@ -192,7 +192,8 @@ def stamp_ids(
       A server token's ids are one scope, the message id itself, which no browser key equals.
     - GUIDs: a browser's message id as it is when a header carries it exactly, else one
       derived with the key; a server token's always derived, so that no browser can send it
-      first; the identify before a first track gets a derived one of its own.
+      first. The identify before a first track gets one derived from it when the relay
+      makes that identify (`identify_guid`).
     """
     anonymous = record.get("anonymous_id")
     if anonymous is not None:
@@ -217,8 +218,14 @@ def stamp_ids(
             guid = _as_uuid4(_mac_hex(states["message"], message_id))
     if guid != message_id:
         record["guid"] = guid
-    if record["type"] != "identify":
-        record["identify_guid"] = _as_uuid4(_mac_hex(states["identify"], guid))
+
+
+def identify_guid(record: Record, key: Secret) -> str:
+    """Derive the GUID of the identify sent before a stamped record's first track."""
+    # Derived from the record's GUID, as stamp_ids derived it when records carried it: the
+    # relay makes it for a user's first track only, about once a user, not ingest for each.
+    guid = record.get("guid") or record["message_id"]
+    return _as_uuid4(_mac_hex(_keyed_states(key.reveal())["identify"], guid))
 
 
 def rate_key(record: Record) -> str:

@@ -186,12 +186,14 @@ def track_body(
 def calls_for(
     record: Record,
     *,
+    key: Secret,
     identified: bool,
     page_event_name: str,
     context_property: str,
     forward_ip: bool = False,
 ) -> list[Call]:
-    """The calls one record becomes, in order: Outbound wants an identify before a first track."""
+    """The calls one record becomes, in order: Outbound wants an identify before a first track
+    (`key`: the ids key, identity.ids_key, the same for every collector on one queue)."""
     guid = record.get("guid") or header_safe_guid(record["message_id"])
     if record["type"] == "identify":
         return [Call("/v2/identify", identify_body(record), guid, "identify")]
@@ -209,12 +211,25 @@ def calls_for(
         # Queued before the namespace: its user was marked identified under the bare id.
         identified = False
     if not identified:
-        identify_guid = record.get("identify_guid") or str(
-            uuid.uuid5(_GUID_NAMESPACE, f"{record['message_id']}/identify")
+        identify = Call(
+            "/v2/identify", {"user_id": track["user_id"]}, _identify_guid(record, key), "identify"
         )
-        identify = Call("/v2/identify", {"user_id": track["user_id"]}, identify_guid, "identify")
         calls.insert(0, identify)
     return calls
+
+
+def _identify_guid(record: Record, key: Secret) -> str:
+    """The GUID of the identify before a record's first track, the same on every retry and
+    whichever collector relays it."""
+    if "identify_guid" in record:  # stored at ingest, before the relay derived it
+        return str(record["identify_guid"])
+    if "dedupe_key" in record or "guid" in record:  # stamped (identity.stamp_ids)
+        # Imported here: identity imports this module (guid_safe) at its top.
+        from .identity import identify_guid
+
+        return identify_guid(record, key)
+    # Queued before records were stamped: no keyed GUID of its own to derive from.
+    return str(uuid.uuid5(_GUID_NAMESPACE, f"{record['message_id']}/identify"))
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:

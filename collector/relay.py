@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import Settings
+from .config import Secret, Settings
 from .live import DebugHub
 from .logs import Repeats
 from .metrics import Metrics
@@ -228,6 +228,7 @@ class Relay:
         outbound: Outbound,
         settings: Settings,
         *,
+        ids_key: Secret,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
@@ -238,6 +239,7 @@ class Relay:
         self._hub = hub or DebugHub()
         self._outbound = outbound
         self._settings = settings
+        self._ids_key = ids_key  # identity.ids_key: the identify's GUID is derived with it
         self._clock = clock
         self._jitter = jitter
         self._wake = asyncio.Event()
@@ -425,6 +427,7 @@ class Relay:
         settings = self._settings
         return calls_for(
             item.record,
+            key=self._ids_key,
             identified=item.identified or subject(item.record) in self._identified,
             page_event_name=settings.page_event_name,
             context_property=settings.context_property,

@@ -21,8 +21,8 @@ from fake_outbound import FakeOutbound, Received
 
 from collector.cli import banner
 from collector.config import Secret, Settings, SettingsError
-from collector.identity import _as_uuid4, ids_key, rate_key, stamp_ids
-from collector.outbound import HttpOutbound, calls_for, header_safe_guid
+from collector.identity import _as_uuid4, identify_guid, ids_key, rate_key, stamp_ids
+from collector.outbound import Call, HttpOutbound, calls_for, header_safe_guid
 
 SECRET = "identity-secret-for-hostile-tests-0123456789"
 TOKEN = "server-token-for-hostile-tests-0123456789"
@@ -570,7 +570,9 @@ def test_header_safe_guid_is_one_to_one() -> None:
 
 def test_a_record_queued_before_the_namespace_is_identified_again_under_it() -> None:
     old = queued_before_the_prefix(anonymous_id="a1")
-    calls = calls_for(old, identified=True, page_event_name="pageView", context_property="")
+    calls = calls_for(
+        old, key=KEY, identified=True, page_event_name="pageView", context_property=""
+    )
     assert [(c.endpoint, c.body["user_id"]) for c in calls] == [
         ("/v2/identify", "anon:a1"),
         ("/v2/track", "anon:a1"),
@@ -578,10 +580,18 @@ def test_a_record_queued_before_the_namespace_is_identified_again_under_it() -> 
     assert calls[1].guid == old["message_id"]  # as before: a resend is still dropped
 
 
+KEY = Secret("ab" * 32)
+
+
 def stamped(server: bool, **fields: Any) -> dict[str, Any]:
     record = queued_before_the_prefix(**{"message_id": "m-1", "anonymous_id": "a1", **fields})
-    stamp_ids(record, server=server, key=Secret("ab" * 32), prefix="anon:")
+    stamp_ids(record, server=server, key=KEY, prefix="anon:")
     return record
+
+
+def first_calls(record: dict[str, Any]) -> list[Call]:
+    """The calls of a record whose user Outbound has not had an identify for."""
+    return calls_for(record, key=KEY, identified=False, page_event_name="p", context_property="")
 
 
 def test_stamp_ids() -> None:
@@ -597,9 +607,9 @@ def test_stamp_ids() -> None:
     assert "dedupe_key" not in server  # the message id, which no browser's key equals
     assert uuid.UUID(server["guid"])
     assert server["guid"] != browser.get("guid", "m-1")
-    assert browser["identify_guid"] != server["identify_guid"]
-    calls = calls_for(browser, identified=False, page_event_name="p", context_property="")
-    assert [c.guid for c in calls] == [browser["identify_guid"], "m-1"]
+    assert "identify_guid" not in browser  # the relay derives it, about once a user
+    assert identify_guid(browser, KEY) != identify_guid(server, KEY)
+    assert [c.guid for c in first_calls(browser)] == [identify_guid(browser, KEY), "m-1"]
     unsafe = queued_before_the_prefix(message_id=" m-1", anonymous_id="a1")
     stamp_ids(unsafe, server=False, key=Secret("ab" * 32), prefix="anon:")
     assert uuid.UUID(unsafe["guid"])
@@ -613,11 +623,34 @@ def test_derived_ids_stay_the_same_across_versions() -> None:
     # get the ids its first send got. (Values from the code of ef709b2.)
     browser, server = stamped(False), stamped(True)
     assert browser["dedupe_key"] == "m-1#40c7af8975a85d21dfae61db8f8ecaac"
-    assert browser["identify_guid"] == "508f1049-e273-4285-8fe3-5b78308d5189"
+    assert identify_guid(browser, KEY) == "508f1049-e273-4285-8fe3-5b78308d5189"
     assert server["guid"] == "bc5f2ae2-2a46-4176-bba7-88d2383e167b"
-    assert server["identify_guid"] == "9d93e41f-c4c3-4983-a472-de9fd886bbbb"
+    assert identify_guid(server, KEY) == "9d93e41f-c4c3-4983-a472-de9fd886bbbb"
     assert stamped(False, message_id=" m-1")["guid"] == "e641e06b-af4e-4b61-8c52-b0cd3ace776d"
     assert stamped(False, user_id="u1")["dedupe_key"] == "m-1#0cdf879597be19a8c955882561c64e10"
+
+
+def test_the_relay_derives_the_identify_guid_ingest_stored_before() -> None:
+    # Until ingest stopped storing identify_guid (records queued then still carry it), a
+    # record's identify had these GUIDs (ingest's stamp_ids of 9b0f71e, the same record and
+    # key): the relay now derives the same, so Outbound drops a resend across the upgrade.
+    before = {
+        "browser": ({}, "508f1049-e273-4285-8fe3-5b78308d5189"),
+        "server": ({}, "9d93e41f-c4c3-4983-a472-de9fd886bbbb"),
+        "unsafe message id": ({"message_id": " m-1"}, "0d6ac79c-3e82-422e-a309-5f3918c8804e"),
+    }
+    for name, (fields, guid) in before.items():
+        record = stamped(name == "server", **fields)
+        assert "identify_guid" not in record
+        identify, track = first_calls(record)
+        assert (identify.endpoint, identify.guid) == ("/v2/identify", guid), name
+        assert track.endpoint == "/v2/track"
+
+
+def test_a_record_stored_with_its_identify_guid_keeps_it() -> None:
+    queued = {**stamped(False), "identify_guid": "3c1c3c3e-0000-4000-8000-00000000beef"}
+    identify, _ = first_calls(queued)
+    assert identify.guid == "3c1c3c3e-0000-4000-8000-00000000beef"
 
 
 def test_derived_guids_are_the_text_of_uuid4s() -> None:

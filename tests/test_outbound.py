@@ -33,6 +33,7 @@ from collector.outbound import (
 )
 
 NOW = 1_700_000_000.0
+IDS_KEY = Secret("ab" * 32)
 
 
 def record(**fields: Any) -> dict[str, Any]:
@@ -59,7 +60,11 @@ def bodies(
     rec: dict[str, Any], identified: bool = True, context: str = ""
 ) -> list[tuple[str, Any]]:
     calls = calls_for(
-        rec, identified=identified, page_event_name="pageView", context_property=context
+        rec,
+        key=IDS_KEY,
+        identified=identified,
+        page_event_name="pageView",
+        context_property=context,
     )
     return [(call.endpoint, call.body) for call in calls]
 
@@ -160,8 +165,12 @@ def test_identify_body_keeps_given_attributes_first() -> None:
 
 
 def test_guids_are_stable_per_event_and_distinct_per_call() -> None:
-    first = calls_for(record(), identified=False, page_event_name="p", context_property="")
-    again = calls_for(record(), identified=False, page_event_name="p", context_property="")
+    first = calls_for(
+        record(), key=IDS_KEY, identified=False, page_event_name="p", context_property=""
+    )
+    again = calls_for(
+        record(), key=IDS_KEY, identified=False, page_event_name="p", context_property=""
+    )
     assert [c.guid for c in first] == [c.guid for c in again]
     assert first[1].guid == "m1"
     assert first[0].guid != first[1].guid

@@ -20,7 +20,8 @@ from redis_server import RedisServer
 
 from collector import cli
 from collector.config import Secret, Settings, SettingsError, load_settings
-from collector.keys import QUEUE
+from collector.identity import identify_guid, ids_key
+from collector.keys import IDS_KEY, QUEUE
 from collector.queue import QueueFull, QueueRefused, QueueUnavailable, RedisQueue, open_queue
 from collector.queue.redis_streams import partition_of
 
@@ -494,6 +495,16 @@ async def test_collectors_on_one_redis_derive_the_same_ids(
     assert (status, again.get("duplicates")) == (202, 1)
     await eventually(lambda: len(fake.tracks()) >= 1)
     assert [track.body["event"] for track in fake.tracks()] == ["signup"]
+    # The identify before the visitor's first track: its GUID is derived by whichever
+    # collector relays, with the key in Redis, not with the key of its own data directory.
+    [identify] = [r for r in fake.received if r.endpoint == "identify"]
+    keys = [collector.app[IDS_KEY] for collector in collectors if collector.app is not None]
+    guids = {identify_guid({"message_id": "0f0e-resent"}, key) for key in keys}
+    assert identify.headers["X-Outbound-GUID"] in guids
+    assert len(guids) == 1
+    for name in ("one", "two"):
+        own = identify_guid({"message_id": "0f0e-resent"}, ids_key(tmp_path / name))
+        assert own not in guids
 
 
 def test_stats_and_dead_letters_commands_read_the_redis_queue(
