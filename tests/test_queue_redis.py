@@ -166,6 +166,39 @@ async def test_a_line_taken_over_goes_again_as_the_same_batch(queues: QueueFacto
     assert [item.record["message_id"] for item in rest] == ["m3", "m4"]
 
 
+async def test_a_line_taken_over_goes_again_as_far_as_its_last_event_still_leased(
+    queues: QueueFactory,
+) -> None:
+    one = await queues(partitions=1)
+    await one.put([record(n, "alice") for n in range(3)])
+    now = time.time()
+    batch = await one.claim(10, now=now, lease=60, depth=3)
+    # The last event's outcome was stored before the owner died: it is not in flight.
+    await one.release(batch[2].id)
+    await stall(one)
+    two = await queues(partitions=1)
+    await eventually(lambda: len(two.held) == 1, within=3 * LEASE)
+    again = await two.claim(10, now=now, lease=60, depth=3)
+    assert [item.record["message_id"] for item in again] == ["m0", "m1"]
+
+
+async def test_a_shorter_claim_after_leases_ran_out_keeps_the_longer_in_flight(
+    queues: QueueFactory,
+) -> None:
+    one = await queues(partitions=1)
+    await one.put([record(n, "alice") for n in range(3)])
+    now = time.time()
+    await one.claim(10, now=now, lease=1, depth=3)
+    # Its leases ran out unsettled; a claim one deep takes the head again.
+    assert len(await one.claim(10, now=now + 2, lease=60, depth=1)) == 1
+    await stall(one)
+    two = await queues(partitions=1)
+    await eventually(lambda: len(two.held) == 1, within=3 * LEASE)
+    again = await two.claim(10, now=now + 2, lease=60, depth=3)
+    assert [item.record["message_id"] for item in again] == ["m0", "m1", "m2"]
+    assert two.interrupted == 3
+
+
 async def test_user_keys_that_look_like_the_queues_own_keys_stay_apart(
     queues: QueueFactory,
 ) -> None:

@@ -77,7 +77,13 @@ class Queue(Protocol):
 
     async def claim(self, limit: int, *, now: float, lease: float, depth: int = 1) -> list[Claimed]:
         """Lease up to `limit` due lines, oldest due first: each line's events from its head,
-        `depth` at most, in the line's order (a user's events follow each other)."""
+        `depth` at most, in the line's order (a user's events follow each other).
+
+        After a process that owned the queue died, a line's next claim goes no further than
+        its last event that process still held leased (leased and not retried, released,
+        acked or dead-lettered, whether or not the lease had run out): the calls whose
+        answers were lost go again as the same events, under the same X-Outbound-GUID.
+        """
 
     async def ack(self, event_id: int, *, identified: bool = False) -> None:
         """Remove a delivered event; `identified`: its user's identify went through, which

@@ -340,7 +340,13 @@ for i = 1, math.min(limit, #due) do
       taken, last = taken + 1, id
     end
   end
-  if last then redis.call('HSET', leased(n), user, taken .. '|' .. last) end
+  if last then
+    -- A claim of fewer events than an earlier one whose leases ran out unsettled leaves
+    -- theirs in place: the range a takeover looks at covers every event still leased.
+    local before = redis.call('HGET', leased(n), user)
+    local count = before and tonumber(string.match(before, '^(%d+)|')) or 0
+    redis.call('HSET', leased(n), user, math.max(count, taken) .. '|' .. last)
+  end
   refresh(n, user)
 end
 return claimed
@@ -454,11 +460,15 @@ if more == '1' and held < share then
       local lines = redis.call('HGETALL', leased(n))
       for j = 1, #lines, 2 do
         local user = lines[j]
-        local count, last = string.match(lines[j + 1], '^(%d+)|(.+)$')
+        local count = string.match(lines[j + 1], '^(%d+)|')
+        -- The redo goes as far as the last event still leased, not the claim's last: those
+        -- behind it were settled (retried, released) before the owner died, their outcome
+        -- stored, as the SQLite queue does (its lease marks).
+        local last = nil
         for _, id in ipairs(redis.call('LRANGE', line(user), 0, tonumber(count) - 1)) do
           local s = state(n, id)
           if s and s[3] > 0 then
-            redis.call('HSET', redos(n), user, last)
+            last = id
             interrupted = interrupted + 1
             s[3] = 0
             if s[1] == 0 then
@@ -468,6 +478,7 @@ if more == '1' and held < share then
             end
           end
         end
+        if last then redis.call('HSET', redos(n), user, last) end
         refresh(n, user)
       end
       redis.call('DEL', leased(n))
