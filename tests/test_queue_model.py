@@ -81,7 +81,6 @@ class QueueMachine(RuleBasedStateMachine):
 
     claimed = Bundle("claimed")
     kind = "sqlite"
-    deep_claims = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -128,7 +127,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(target=claimed, limit=st.integers(1, 5), depth=st.sampled_from([1, 2, 3, 3]))
     def claim(self, limit: int, depth: int) -> object:
-        if self.model.unsettled or not self.deep_claims:
+        if self.model.unsettled:
             depth = 1
         expected = self.model.claimable(limit, depth)
         got = self.run(self.queue.claim(limit, now=self.model.now, lease=LEASE, depth=depth))
@@ -263,9 +262,6 @@ class QueueMachine(RuleBasedStateMachine):
 
 class RedisQueueMachine(QueueMachine):
     kind = "redis"
-    # Deep claims after leases ran out and a reopen: Redis's redo limit is not the model's
-    # (found by this machine, not yet settled); one deep, the rest of the contract holds.
-    deep_claims = False
 
 
 MODEL_SETTINGS = settings(
