@@ -1522,10 +1522,11 @@ def measure_versions(
 
 def versions_table(found: list[Versus], ref: str) -> str:
     """The previous version beside this one."""
+    known = " (before aiohttp-cors and aiohttp's client)" if ref == PREVIOUS else ""
     out = [
-        f"This version against `{ref}` (before aiohttp-cors and aiohttp's client), taking turns "
-        "in the same run: ingest with an allowed `Origin` on every request (req/s, CPU µs per "
-        "request), and the relay draining a prefilled queue (events/s, CPU µs per event).",
+        f"This version against `{ref}`{known}, taking turns in the same run: ingest with an "
+        "allowed `Origin` on every request (req/s, CPU µs per request), and the relay draining "
+        "a prefilled queue (events/s, CPU µs per event).",
         "",
         "| load | previous | this version | ratio (per turn) | CPU µs previous → this |",
         "|---|---|---|---|---|",
