@@ -101,6 +101,11 @@ def _present(value: object) -> bool:
     return value not in _ABSENT
 
 
+def _page(client: dict[str, Any]) -> dict[str, Any]:
+    """The page fields of a record's client context, empty ones left out."""
+    return {key: value for key in PAGE_FIELDS if (value := client.get(key)) not in _ABSENT}
+
+
 def anonymous(record: Record) -> str | None:
     """The anonymous id as Outbound knows it: in its namespace, so never a user's id. A record
     queued before the namespace existed gets the default prefix here."""
@@ -128,7 +133,7 @@ def server_context(record: Record, *, with_ip: bool = False) -> dict[str, Any]:
     """
     client = record.get("context", {})
     context: dict[str, Any] = {}  # in this order: page, locale, user_agent, received_at, ip
-    page = {key: value for key in PAGE_FIELDS if (value := client.get(key)) not in _ABSENT}
+    page = _page(client)
     if page:
         context["page"] = page
     if (locale := client.get("locale")) not in _ABSENT:
@@ -165,7 +170,7 @@ def track_body(
     if record["type"] == "page":
         name = page_event_name
         client = record.get("context", {})
-        page = {key: value for key in PAGE_FIELDS if (value := client.get(key)) not in _ABSENT}
+        page = _page(client)
         properties = {**page, **properties}
     else:
         name = record["event"]
