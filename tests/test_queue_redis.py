@@ -120,6 +120,14 @@ async def stall(queue: RedisQueue) -> None:
     await asyncio.gather(tender, return_exceptions=True)
 
 
+async def taken_over(one: RedisQueue, queues: QueueFactory, *, partitions: int) -> RedisQueue:
+    """A second collector that takes every partition over from `one`, stalled."""
+    await stall(one)
+    two: RedisQueue = await queues(partitions=partitions)
+    await eventually(lambda: len(two.held) == partitions, within=3 * LEASE)
+    return two
+
+
 async def test_takeover_after_the_lease_and_fencing_of_the_old_owner(
     queues: QueueFactory,
 ) -> None:
@@ -155,9 +163,7 @@ async def test_a_line_taken_over_goes_again_as_the_same_batch(queues: QueueFacto
     batch = await one.claim(10, now=time.time(), lease=60, depth=100)
     assert [item.record["message_id"] for item in batch] == ["m0", "m1", "m2"]
     await one.put([record(n, "alice") for n in range(3, 5)])  # arrive while it is sent
-    await stall(one)
-    two = await queues(partitions=2)
-    await eventually(lambda: len(two.held) == 2, within=3 * LEASE)
+    two = await taken_over(one, queues, partitions=2)
     # The same events, not the line as deep as it is now: the same X-Outbound-GUID.
     again = await two.claim(10, now=time.time(), lease=60, depth=100)
     assert [item.record for item in again] == [item.record for item in batch]
@@ -175,9 +181,7 @@ async def test_a_line_taken_over_goes_again_as_far_as_its_last_event_still_lease
     batch = await one.claim(10, now=now, lease=60, depth=3)
     # The last event's outcome was stored before the owner died: it is not in flight.
     await one.release(batch[2].id)
-    await stall(one)
-    two = await queues(partitions=1)
-    await eventually(lambda: len(two.held) == 1, within=3 * LEASE)
+    two = await taken_over(one, queues, partitions=1)
     again = await two.claim(10, now=now, lease=60, depth=3)
     assert [item.record["message_id"] for item in again] == ["m0", "m1"]
 
@@ -191,9 +195,7 @@ async def test_a_shorter_claim_after_leases_ran_out_keeps_the_longer_in_flight(
     await one.claim(10, now=now, lease=1, depth=3)
     # Its leases ran out unsettled; a claim one deep takes the head again.
     assert len(await one.claim(10, now=now + 2, lease=60, depth=1)) == 1
-    await stall(one)
-    two = await queues(partitions=1)
-    await eventually(lambda: len(two.held) == 1, within=3 * LEASE)
+    two = await taken_over(one, queues, partitions=1)
     again = await two.claim(10, now=now + 2, lease=60, depth=3)
     assert [item.record["message_id"] for item in again] == ["m0", "m1", "m2"]
     assert two.interrupted == 3
